@@ -1,0 +1,46 @@
+// CPU kernel of max_pool_relprop: each window's relevance is added to the input position its
+// forward picked. Planes are independent, so the parallel loop runs over (row, channel) planes
+// and the adds within a plane stay serial: overlapping windows add up without atomics.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../max_pool.h"
+
+namespace lrpfast {
+namespace {
+
+at::Tensor max_pool_relprop_cpu(const at::Tensor& r, const at::Tensor& indices, at::IntArrayRef input_size) {
+  auto a = prepare_max_pool(r, indices, input_size);
+  const int64_t planes = a.rows * a.channels;
+  if (planes == 0 || a.plane_out == 0) return a.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "max_pool_relprop", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* out = a.out.data_ptr<scalar_t>();
+    const scalar_t* pr = a.r.const_data_ptr<scalar_t>();
+    const int64_t* pi = a.indices.const_data_ptr<int64_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / a.plane_out);
+    at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t row = p / a.channels, ch = p % a.channels;
+        const int64_t* idx = pi + (shared_row(row, a.k) * a.channels + ch) * a.plane_out;
+        const scalar_t* src = pr + p * a.plane_out;
+        scalar_t* dst = out + p * a.plane_in;
+        for (int64_t j = 0; j < a.plane_out; ++j) {
+          const int64_t t = idx[j];
+          TORCH_CHECK(t >= 0 && t < a.plane_in, "lrpfast::max_pool_relprop: index ", t,
+                      " outside the input plane of ", a.plane_in, " elements (indices from another input?)");
+          dst[t] = static_cast<scalar_t>(static_cast<acc_t>(dst[t]) + static_cast<acc_t>(src[j]));
+        }
+      }
+    });
+  });
+  return a.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrpfast, CPU, m) { m.impl("max_pool_relprop", &max_pool_relprop_cpu); }
+
+}  // namespace lrpfast

