@@ -1,20 +1,16 @@
-// CUDA registrations of the fused primitives and max_pool_relprop: argument checks, device guard,
-// current stream, then the torch-free launchers of kernels.cuh.
+// CUDA registrations of the fused primitives: argument checks, device guard, current stream, then
+// the torch-free launchers of kernels.cuh.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../max_pool.h"
 #include "../relprop_args.h"
 #include "kernels.cuh"
+#include "launch_check.h"
 
 namespace lrpfast {
 namespace {
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "lrpfast::", op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 at::Tensor run(const char* name, cuda::ElementwiseOp op, const at::Tensor& a, const at::Tensor& b,
                const at::Tensor& c, const at::Tensor& ref, double eps, c10::string_view stabilizer) {
@@ -42,23 +38,12 @@ at::Tensor mul_stab_div_cuda(const at::Tensor& c, const at::Tensor& x, const at:
   return run("mul_stab_div", cuda::ElementwiseOp::kMulStabDiv, c, x, z, z, eps, stabilizer);
 }
 
-at::Tensor max_pool_relprop_cuda(const at::Tensor& r, const at::Tensor& indices, at::IntArrayRef input_size) {
-  TORCH_CHECK(r.is_cuda(), "lrpfast::max_pool_relprop: expected CUDA tensors");
-  const c10::cuda::CUDAGuard guard(r.device());
-  auto a = prepare_max_pool(r, indices, input_size);
-  cuda::MaxPoolParams p{a.out.data_ptr(), a.r.const_data_ptr(), a.indices.const_data_ptr<int64_t>(), a.rows,
-                        a.channels, a.plane_out, a.plane_in, a.k, dtype_code("max_pool_relprop", r.scalar_type())};
-  check_launch("max_pool_relprop", cuda::launch_max_pool_relprop(p, c10::cuda::getCurrentCUDAStream()));
-  return a.out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpfast, CUDA, m) {
   m.impl("stab_div", &stab_div_cuda);
   m.impl("mul_input", &mul_input_cuda);
   m.impl("mul_stab_div", &mul_stab_div_cuda);
-  m.impl("max_pool_relprop", &max_pool_relprop_cuda);
 }
 
 }  // namespace lrpfast
