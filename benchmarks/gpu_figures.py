@@ -1,0 +1,173 @@
+"""The figures issue 7 asks for, measured in one run on one device:
+- each fused elementwise op's achieved bandwidth (bytes read + written / time) against a plain
+  device-to-device copy measured beside it, on tensors of at least 256 MB;
+- ε LRP(model) against the floor (DESIGN.md §2: forward with autograd + input gradient) on vgg16
+  and resnet50 at batch 64, float32 and bfloat16, interleaved rounds, medians;
+- agreement: each map against CPU float64 on a few samples; for bfloat16 beside the error of the
+  bfloat16 input gradient (the dtype's own tolerance on the same network).
+Writes JSON (--out) and a short text table beside it (figures.txt). --tiny: CPU-sized dry run."""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import lrpfast
+from lrpfast import ops
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn, reps):
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return times
+
+
+def kernel_bandwidth(device, nbytes, reps):
+    timer = Timer(device)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        n = nbytes // torch.tensor([], dtype=dtype).element_size()
+        es = torch.tensor([], dtype=dtype).element_size()
+        a = torch.randn(n, device=device, dtype=dtype)
+        b = torch.randn(n, device=device, dtype=dtype)
+        c = torch.randn(n, device=device, dtype=dtype)
+        dst = torch.empty_like(a)
+        a2, b2, c2 = a.view(64, -1), b.view(64, -1), c.view(64, -1)
+        cases = {
+            "copy": (lambda: dst.copy_(a), 2 * n * es),
+            "stab_div": (lambda: ops.stab_div(a2, b2), 3 * n * es),
+            "mul_input": (lambda: ops.mul_input(a2, b2), 3 * n * es),
+            "mul_stab_div": (lambda: ops.mul_stab_div(a2, b2, c2), 4 * n * es),
+        }
+        # max pool 2x2: pooled r and indices read, the 4x larger input-sized map written once
+        side = int((n // 64 // 4) ** 0.5)
+        x = torch.randn(64, 1, 2 * side, 2 * side, device=device, dtype=dtype)
+        zp, idx = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+        x_shape, x_numel = x.shape, x.numel()
+        del x
+        cases["max_pool_relprop"] = (lambda: ops.max_pool_relprop(zp, idx, x_shape),
+                                     zp.numel() * (es + 8) + x_numel * es)
+        res = {}
+        for name, (fn, bytes_moved) in cases.items():
+            fn()
+            t = statistics.median(timer(fn, reps))
+            res[name] = {"seconds": t, "bytes": bytes_moved, "GB_per_s": bytes_moved / t / 1e9}
+        for name in res:
+            res[name]["fraction_of_copy"] = res[name]["GB_per_s"] / res["copy"]["GB_per_s"]
+        out[str(dtype).replace("torch.", "")] = res
+        del a, b, c, dst, a2, b2, c2, zp, idx
+    return out
+
+
+def floor_fn(model, x, t):
+    xg = x.detach().requires_grad_(True)
+    logits = model(xg)
+    return torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xg)[0]
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def model_figures(device, name, batch, size, rounds):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    res = {}
+    x_cpu = torch.randn(batch, 3, size, size)
+    # The reference: CPU float64 on the first two samples.
+    model64 = getattr(torchvision.models, name)(weights=None).eval()
+    model64.load_state_dict(model.state_dict())
+    model64 = model64.double()
+    with torch.no_grad():
+        t_all = model(x_cpu[:2]).argmax(1)
+    ref_lrp = lrpfast.LRP(model64)(x_cpu[:2].double(), t_all)
+    ref_grad = floor_fn(model64, x_cpu[:2].double(), t_all)
+    del model64
+    timer = Timer(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        m = getattr(torchvision.models, name)(weights=None).eval()
+        m.load_state_dict(model.state_dict())
+        m = m.to(device, dtype)
+        x = x_cpu.to(device, dtype)
+        with torch.no_grad():
+            t = m(x).argmax(1)
+        lrp = lrpfast.LRP(m)
+        impls = {"floor": lambda: floor_fn(m, x, t), "lrpfast": lambda: lrp(x, t)}
+        for fn in impls.values():  # warm-up (cuDNN heuristics, allocator)
+            fn(), fn()
+        times = {k: [] for k in impls}
+        for _ in range(rounds):  # interleaved rounds
+            for k, fn in impls.items():
+                times[k] += timer(fn, 1)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        # agreement on the reference samples (targets from the float64 model)
+        tt = t_all.to(device)
+        err_lrp = rel_err(lrp(x[:2], tt), ref_lrp)
+        err_grad = rel_err(floor_fn(m, x[:2], tt), ref_grad)
+        res[str(dtype).replace("torch.", "")] = {
+            "batch": batch, "size": size, "median_s": med,
+            "spread_s": {k: [min(v), max(v)] for k, v in times.items()},
+            "ratio_to_floor": med["lrpfast"] / med["floor"],
+            "rel_err_lrp_vs_cpu_f64": err_lrp, "rel_err_grad_vs_cpu_f64": err_grad,
+        }
+        del m, x, lrp
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized dry run")
+    p.add_argument("--out", default="figures.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    tiny = args.tiny
+    info = {"build_info": lrpfast.build_info(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+    info["kernels"] = kernel_bandwidth(device, (1 << 20) if tiny else (256 << 20) * 2, 3 if tiny else 20)
+    info["models"] = {}
+    if hasattr(lrpfast, "LRP"):
+        for name in ("vgg16", "resnet50"):
+            info["models"][name] = model_figures(device, name, 2 if tiny else 64, 32 if tiny else 224,
+                                                 2 if tiny else 10)
+    lines = [f"device: {info['device']}  torch {torch.__version__}"]
+    for dt, res in info["kernels"].items():
+        lines.append(f"kernels {dt}: copy {res['copy']['GB_per_s']:.0f} GB/s; " + "; ".join(
+            f"{k} {v['GB_per_s']:.0f} GB/s ({100 * v['fraction_of_copy']:.0f}%)" for k, v in res.items() if k != "copy"))
+    for name, per in info["models"].items():
+        for dt, r in per.items():
+            lines.append(f"{name} {dt} b{r['batch']}: floor {1e3 * r['median_s']['floor']:.2f} ms, lrpfast "
+                         f"{1e3 * r['median_s']['lrpfast']:.2f} ms, ratio {r['ratio_to_floor']:.3f}; rel err vs CPU f64: "
+                         f"lrp {r['rel_err_lrp_vs_cpu_f64']:.1e} (grad {r['rel_err_grad_vs_cpu_f64']:.1e})")
+    with open(args.out, "w") as f:
+        json.dump(info, f, indent=1)
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), "figures.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

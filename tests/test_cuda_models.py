@@ -1,0 +1,50 @@
+"""Whole-model maps on the GPU against CPU float64 (issue 7). Skipped without a CUDA device; on
+the CPU (gpu_check.sh --dry-run) the same comparison runs CPU float32 against CPU float64."""
+import pytest
+import torch
+
+import lrpfast
+
+torchvision = pytest.importorskip("torchvision")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _floor(model, x, t):
+    xg = x.detach().requires_grad_(True)
+    return torch.autograd.grad(model(xg).gather(1, t[:, None]).sum(), xg)[0]
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in DEVICES])
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_map_matches_cpu_float64(name, device, dtype):
+    if not hasattr(lrpfast, "LRP"):
+        pytest.skip("lrpfast.LRP not available")
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bfloat16 whole models are checked on CUDA")
+    torch.manual_seed(0)
+    size = 224 if device == "cuda" else 64
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        t = model(x).argmax(1)
+    ref = lrpfast.LRP(model.double())(x.double(), t)
+    ref_grad = _floor(model, x.double(), t)
+    model = model.to(device, dtype)
+    got = lrpfast.LRP(model)(x.to(device, dtype), t.to(device))
+    assert got.shape == x.shape and got.device.type == device and got.dtype == dtype
+    assert torch.isfinite(got).all()
+    err = _rel(got, ref)
+    if dtype == torch.float32:
+        # TF32 convolutions (cuDNN's default) land near 1e-3; CPU float32 near 1e-5.
+        assert err < (5e-3 if device == "cuda" else 1e-4), err
+    else:
+        # bfloat16: within 2x the error the plain input gradient makes in bfloat16 on this network.
+        grad_err = _rel(_floor(model, x.to(device, dtype), t.to(device)), ref_grad)
+        assert err < max(2 * grad_err, 2e-2), (err, grad_err)
