@@ -91,7 +91,12 @@ at::Tensor avg_pool_relprop(const at::Tensor& r, const at::Tensor& x, const at::
   if (dims == 3) {
     c = at::avg_pool3d_backward(s, like, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override);
   } else if (dims == 2) {
-    c = at::avg_pool2d_backward(s, like, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override);
+    // CUDA's channels_last avg_pool2d backward returns wrong values when there is padding (torch
+    // 2.11, also through autograd): hand it a contiguous-format `like`, which selects the NCHW
+    // kernel (only sizes are read, so an empty tensor will do).
+    const bool nhwc_cuda = like.is_cuda() && like.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const auto like2d = nhwc_cuda ? at::empty(like.sizes(), like.options(), at::MemoryFormat::Contiguous) : like;
+    c = at::avg_pool2d_backward(s, like2d, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override);
   } else {
     c = at::avg_pool2d_backward(as_2d(s), as_2d(like), {1, kernel_size[0]}, {1, stride[0]}, {0, padding[0]},
                                 ceil_mode, count_include_pad, divisor_override)

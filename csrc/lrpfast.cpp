@@ -25,6 +25,18 @@ TORCH_LIBRARY(lrpfast, m) {
       "avg_pool_relprop(Tensor r, Tensor x, Tensor z, int[] kernel_size, int[] stride, int[] padding, "
       "bool ceil_mode, bool count_include_pad, int? divisor_override, float eps, str stabilizer) -> Tensor");
   m.def("adaptive_avg_pool_relprop(Tensor r, Tensor x, Tensor z, float eps, str stabilizer) -> Tensor");
+
+  // Elementwise steps of the z+/αβ/γ/z^B rules around their one contraction (lrpfast/rules.py).
+  // "Paired" tensors hold two branches per channel group along `dim` (layout: csrc/rule_args.h).
+  m.def("sign_split(Tensor x, int dim, int groups) -> Tensor");
+  m.def("sign_split_mul_input(Tensor c, Tensor x, int dim, int groups) -> Tensor");
+  m.def("bounds_mul_input(Tensor c, Tensor x, Tensor low, Tensor high, int dim, int groups) -> Tensor");
+  m.def(
+      "alpha_beta_stab_div(Tensor r, Tensor z, Tensor z_plus, int dim, int groups, float alpha, float beta, "
+      "float eps, str stabilizer) -> Tensor");
+  m.def(
+      "gamma_stab_div(Tensor r, Tensor z, Tensor zp, int dim, int groups, float gamma, float eps, "
+      "str stabilizer) -> Tensor");
 }
 
 // ------------------------------------------------------------------ the Python module lrpfast._C

@@ -118,9 +118,12 @@ def max_pool_relprop(r, indices, input_size: Sequence[int]):
     plane_in = 1
     for n in input_size[2:]:
         plane_in *= n
+    plane_out = 1  # explicit (not -1, which is ambiguous for empty tensors)
+    for n in indices.shape[2:]:
+        plane_out *= n
     out = torch.zeros((b, k, c, plane_in), dtype=_acc(r).dtype, device=r.device)
-    idx = indices.reshape(b, 1, c, -1).expand(b, k, c, -1)
-    out.scatter_add_(3, idx, _acc(r).reshape(b, k, c, -1))
+    idx = indices.reshape(b, 1, c, plane_out).expand(b, k, c, plane_out)
+    out.scatter_add_(3, idx, _acc(r).reshape(b, k, c, plane_out))
     return out.reshape(r.shape[0], c, *input_size[2:]).to(r.dtype)
 
 
@@ -139,6 +142,10 @@ def avg_pool_relprop(r, x, z, kernel_size, stride, padding, ceil_mode: bool, cou
     else:
         one = lambda v: ([1] if dims == 1 else []) + list(v)  # noqa: E731  (1d pools as 2d, height 1)
         pad0 = ([0] if dims == 1 else []) + list(padding)
+        if like.is_cuda and dims == 2 and like.is_contiguous(memory_format=torch.channels_last):
+            # CUDA's channels_last avg_pool2d backward is wrong with padding (torch 2.11): use the
+            # NCHW kernel, chosen by the layout of `like` (only its sizes are read).
+            like = like.new_empty(like.shape)
         c = torch.ops.aten.avg_pool2d_backward(_as_2d(s, dims), _as_2d(like, dims), one(kernel_size),
                                                one(stride), pad0, ceil_mode, count_include_pad,
                                                divisor_override)
@@ -156,3 +163,97 @@ def adaptive_avg_pool_relprop(r, x, z, eps: float, stabilizer: str):
         c = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(s, dims), _as_2d(like, dims))
         c = c.squeeze(-2) if dims == 1 else c
     return mul_input(c, x)
+
+
+# ============================================================================= rule ops (issue 4)
+# The elementwise steps of the z+/αβ/γ/z^B rules around their one contraction (lrpfast/rules.py).
+# "Paired" tensors hold two branches per channel group along `dim`: one row (sample) of an
+# unpaired tensor is nb blocks of `block` = (C/groups) * (elements after dim) values, and the
+# paired tensor has nb blocks of 2*block (branch 0, then branch 1), the channel order a grouped
+# convolution with concatenated weights reads and writes (csrc/rule_args.h says the same).
+
+
+def _pair_geometry(shape, dim: int, groups: int):
+    dim = dim % len(shape)
+    block = shape[dim] // groups
+    for n in shape[dim + 1:]:
+        block *= n
+    n = 1
+    for v in shape[1:]:
+        n *= v
+    return dim, block, (n // block if block else 0)
+
+
+def _paired_shape(shape, dim: int, rows: int):
+    out = list(shape)
+    out[0], out[dim] = rows, out[dim] * 2
+    return out
+
+
+def _blocks(t: torch.Tensor, nb: int, block: int, paired: bool) -> torch.Tensor:
+    """t as (rows, nb, 2, block) when paired, else (rows, nb, 1, block)."""
+    return t.reshape(t.shape[0], nb, 2 if paired else 1, block)
+
+
+def sign_split(x, dim: int, groups: int):
+    """[x+, x-] paired."""
+    d, block, nb = _pair_geometry(x.shape, dim, groups)
+    xb = _blocks(_acc(x), nb, block, False)
+    out = torch.cat([xb.clamp(min=0), xb.clamp(max=0)], dim=2)
+    return out.reshape(_paired_shape(x.shape, d, x.shape[0])).to(x.dtype)
+
+
+def _paired_mul(c, x, dim, groups, combine):
+    d, block, nb = _pair_geometry(x.shape, dim, groups)
+    b = x.shape[0]
+    k = c.shape[0] // b if b else 1
+    cb = _acc(c).reshape(b, k, nb, 2, block)
+    out = combine(cb[:, :, :, 0], cb[:, :, :, 1], lambda t: _acc(t).reshape(t.shape[0], 1, nb, block))
+    return out.reshape(c.shape[0], *x.shape[1:]).to(c.dtype)
+
+
+def sign_split_mul_input(c, x, dim: int, groups: int):
+    """R = x+ * c[branch 0] + x- * c[branch 1]."""
+    def combine(c_pos, c_neg, shared):
+        xs = shared(x)
+        return xs.clamp(min=0) * c_pos + xs.clamp(max=0) * c_neg
+    return _paired_mul(c, x, dim, groups, combine)
+
+
+def bounds_mul_input(c, x, low, high, dim: int, groups: int):
+    """R = (x - low) * c[branch 0] + (x - high) * c[branch 1] (z^B); low/high have 1 row or x's."""
+    def combine(c_pos, c_neg, shared):
+        xs = shared(x)
+        return (xs - shared(low)) * c_pos + (xs - shared(high)) * c_neg
+    return _paired_mul(c, x, dim, groups, combine)
+
+
+def _paired_div(r, z, z2, dim, groups, branches):
+    d, block, nb = _pair_geometry(z.shape, dim, groups)
+    b = z.shape[0]
+    k = r.shape[0] // b if b else 1
+    rb = _acc(r).reshape(b, k, nb, 1, block)
+    zb = _acc(z).reshape(b, 1, nb, 1, block)
+    z2b = _acc(z2).reshape(b, 1, nb, 1, block)
+    s_pos, s_neg = branches(rb, zb, z2b)
+    out = torch.cat([s_pos, s_neg], dim=3)
+    return out.reshape(_paired_shape(z.shape, d, r.shape[0])).to(r.dtype)
+
+
+def alpha_beta_stab_div(r, z, z_plus, dim: int, groups: int, alpha: float, beta: float, eps: float,
+                        stabilizer: str):
+    """Paired [α r / stab(z+), -β r / stab(z - z+)] (z- = z - z+: see relevance_math.h)."""
+    def branches(rb, zb, zpb):
+        return (alpha * safe_div(rb, stabilize(zpb, eps, stabilizer)),
+                -beta * safe_div(rb, stabilize(zb - zpb, eps, stabilizer)))
+    return _paired_div(r, z, z_plus, dim, groups, branches)
+
+
+def gamma_stab_div(r, z, zp, dim: int, groups: int, gamma: float, eps: float, stabilizer: str):
+    """Paired [r [z>0] / stab(zp), r [z<0] / stab((2+γ) z - zp)] (generalised γ rule)."""
+    def branches(rb, zb, zpb):
+        zero = torch.zeros((), dtype=rb.dtype, device=rb.device)
+        s_pos = torch.where(zb > 0, safe_div(rb, stabilize(zpb, eps, stabilizer)), zero)
+        s_neg = torch.where(zb < 0, safe_div(rb, stabilize((2.0 + gamma) * zb - zpb, eps, stabilizer)), zero)
+        return s_pos, s_neg
+    return _paired_div(r, z, zp, dim, groups, branches)

@@ -267,3 +267,165 @@ def _register_fakes() -> None:
 
 if _ext.HAS_EXT:
     _register_fakes()
+
+
+# ============================================================================= rule ops (issue 4)
+# Elementwise steps of the z+/αβ/γ/z^B rules (lrpfast/rules.py) around their one contraction.
+# "Paired" tensors hold two branches per channel group along `dim` (1 for convolutions, -1 for
+# Linear): the layout of csrc/rule_args.h and lrpfast/_fallback.py's rule section.
+#   sign_split(x)                       -> paired [x+, x-]
+#   sign_split_mul_input(c, x)          -> x+ * c0 + x- * c1
+#   bounds_mul_input(c, x, low, high)   -> (x - low) * c0 + (x - high) * c1
+#   alpha_beta_stab_div(r, z, z_plus)   -> paired [α r/stab(z+), -β r/stab(z - z+)]
+#   gamma_stab_div(r, z, zp)            -> paired [r[z>0]/stab(zp), r[z<0]/stab((2+γ)z - zp)]
+
+RULE_OPS = ("sign_split", "sign_split_mul_input", "bounds_mul_input", "alpha_beta_stab_div", "gamma_stab_div")
+_stale_warned = False
+
+
+def _ext_has(name: str) -> bool:
+    try:
+        getattr(torch.ops.lrpfast, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _rule_impl(name: str):
+    """The extension's kernel, or the fallback when the loaded _C predates the rule ops (a
+    stale build: warned once; tests/test_rule_ops.py fails on it)."""
+    global _stale_warned
+    if not _ext._use_ext:
+        return getattr(_fallback, name)
+    if _ext_has(name):
+        return getattr(torch.ops.lrpfast, name)
+    if not _stale_warned:
+        import warnings
+
+        warnings.warn(f"lrpfast: the loaded extension has no op {name!r} (built before the rule ops); using the "
+                      "fallback for the rule ops. Rebuild lrpfast.", RuntimeWarning, stacklevel=3)
+        _stale_warned = True
+    return getattr(_fallback, name)
+
+
+def _pair_dim(where: str, t: torch.Tensor, dim: int, groups: int) -> int:
+    if t.dim() < 2:
+        raise RelevanceError(f"{where}: expected a tensor (B, ...) with a channel dimension, got shape {tuple(t.shape)}")
+    d = dim + t.dim() if dim < 0 else dim
+    if not 1 <= d < t.dim():
+        raise RelevanceError(f"{where}: dim {dim} is not a channel dimension of shape {tuple(t.shape)}")
+    if not isinstance(groups, int) or groups < 1 or t.shape[d] % groups:
+        raise RelevanceError(f"{where}: {t.shape[d]} channels (dim {dim}) do not split into groups={groups!r}")
+    return d
+
+
+def paired_shape(shape, dim: int, rows: Optional[int] = None):
+    """The shape of a paired tensor for the unpaired `shape` (channel dim doubled)."""
+    out = list(shape)
+    d = dim % len(out)
+    out[d] *= 2
+    if rows is not None:
+        out[0] = rows
+    return out
+
+
+def _check_paired(where: str, name: str, t: torch.Tensor, unpaired: torch.Tensor, dim: int) -> None:
+    want = paired_shape(unpaired.shape, dim)
+    if t.dim() != len(want) or list(t.shape[1:]) != want[1:]:
+        raise RelevanceError(f"{where}: {name} has shape {tuple(t.shape)}, expected (K*B, {', '.join(map(str, want[1:]))}) "
+                             f"(paired along dim {dim})")
+    b = unpaired.shape[0]
+    if (b == 0 and t.shape[0] != 0) or (b and t.shape[0] % b):
+        raise RelevanceError(f"{where}: {name} has {t.shape[0]} rows, expected a multiple of the batch {b}")
+
+
+def sign_split(x: torch.Tensor, dim: int = 1, groups: int = 1) -> torch.Tensor:
+    """Paired [x+, x-] along `dim` (per channel group): the input of a contraction that meets the
+    positive and the negative part of a signed input with different weights."""
+    where = "lrpfast.sign_split"
+    _check_tensor(where, "x", x)
+    _pair_dim(where, x, dim, groups)
+    return _rule_impl("sign_split")(x, int(dim), int(groups))
+
+
+def sign_split_mul_input(c: torch.Tensor, x: torch.Tensor, dim: int = 1, groups: int = 1) -> torch.Tensor:
+    """R = x+ * c[branch 0] + x- * c[branch 1]; c paired, with K maps per row of x."""
+    where = "lrpfast.sign_split_mul_input"
+    _check_tensor(where, "c", c)
+    _check_tensor(where, "x", x, c)
+    _pair_dim(where, x, dim, groups)
+    _check_paired(where, "c", c, x, dim)
+    return _rule_impl("sign_split_mul_input")(c, x, int(dim), int(groups))
+
+
+def bounds_mul_input(c: torch.Tensor, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, dim: int = 1,
+                     groups: int = 1) -> torch.Tensor:
+    """z^B's product: R = (x - low) * c[branch 0] + (x - high) * c[branch 1]; low/high shaped like
+    x with 1 row or x's rows."""
+    where = "lrpfast.bounds_mul_input"
+    _check_tensor(where, "c", c)
+    for n, t in (("x", x), ("low", low), ("high", high)):
+        _check_tensor(where, n, t, c)
+    _pair_dim(where, x, dim, groups)
+    _check_paired(where, "c", c, x, dim)
+    for n, t in (("low", low), ("high", high)):
+        if t.shape[1:] != x.shape[1:] or t.shape[0] not in (1, x.shape[0]):
+            raise RelevanceError(f"{where}: {n} has shape {tuple(t.shape)}, expected (1 or {x.shape[0]}, "
+                                 f"{', '.join(map(str, x.shape[1:]))}) like x")
+    if low.shape[0] != high.shape[0]:
+        raise RelevanceError(f"{where}: low has {low.shape[0]} rows and high {high.shape[0]}; expected equal")
+    return _rule_impl("bounds_mul_input")(c, x, low, high, int(dim), int(groups))
+
+
+def _check_div(where, r, z, z2, name2, dim, groups, eps, stabilizer):
+    _check_tensor(where, "r", r)
+    _check_tensor(where, "z", z, r)
+    _check_tensor(where, name2, z2, r)
+    if z2.shape != z.shape:
+        raise RelevanceError(f"{where}: {name2} has shape {tuple(z2.shape)}, expected {tuple(z.shape)} like z")
+    _pair_dim(where, z, dim, groups)
+    _check_rows(where, r, "z", z, z.shape[1:])
+    check_stabilizer(where, eps, stabilizer)
+
+
+def alpha_beta_stab_div(r, z, z_plus, dim: int = 1, groups: int = 1, alpha: float = 2.0, beta: float = 1.0,
+                        eps: float = DEFAULT_EPS, stabilizer: str = "sign") -> torch.Tensor:
+    """Paired [α r / stab(z+), -β r / stab(z - z+)]: the αβ rule's division (z- = z - z+)."""
+    where = "lrpfast.alpha_beta_stab_div"
+    _check_div(where, r, z, z_plus, "z_plus", dim, groups, eps, stabilizer)
+    return _rule_impl("alpha_beta_stab_div")(r, z, z_plus, int(dim), int(groups), float(alpha), float(beta),
+                                             float(eps), stabilizer)
+
+
+def gamma_stab_div(r, z, zp, dim: int = 1, groups: int = 1, gamma: float = 0.25, eps: float = DEFAULT_EPS,
+                   stabilizer: str = "sign") -> torch.Tensor:
+    """Paired [r [z>0] / stab(zp), r [z<0] / stab((2+γ) z - zp)]: the generalised γ rule's
+    division, zp = z + γ z+ from one contraction (zn = z + γ z- = (2+γ) z - zp)."""
+    where = "lrpfast.gamma_stab_div"
+    _check_div(where, r, z, zp, "zp", dim, groups, eps, stabilizer)
+    return _rule_impl("gamma_stab_div")(r, z, zp, int(dim), int(groups), float(gamma), float(eps), stabilizer)
+
+
+def _register_rule_fakes() -> None:
+    from torch.library import register_fake
+
+    def paired(t, dim, rows):
+        return t.new_empty(paired_shape(t.shape, dim, rows))
+
+    def unpaired(t, rows):
+        return t.new_empty((rows, *t.shape[1:]))
+
+    fakes = {
+        "sign_split": lambda x, dim, groups: paired(x, dim, x.shape[0]),
+        "sign_split_mul_input": lambda c, x, dim, groups: unpaired(x, c.shape[0]),
+        "bounds_mul_input": lambda c, x, low, high, dim, groups: unpaired(x, c.shape[0]),
+        "alpha_beta_stab_div": lambda r, z, z_plus, dim, groups, alpha, beta, eps, stabilizer: paired(z, dim, r.shape[0]),
+        "gamma_stab_div": lambda r, z, zp, dim, groups, gamma, eps, stabilizer: paired(z, dim, r.shape[0]),
+    }
+    for name, fn in fakes.items():
+        if _ext_has(name):
+            register_fake(f"lrpfast::{name}", fn)
+
+
+if _ext.HAS_EXT:
+    _register_rule_fakes()

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../relprop_args.h"
 
 namespace lrpfast {
@@ -42,24 +44,33 @@ at::Tensor run(const char* name, const at::Tensor& a, const at::Tensor& b, const
     const scalar_t* __restrict__ pb = args.b.const_data_ptr<scalar_t>();
     const scalar_t* __restrict__ pc = args.c.defined() ? args.c.const_data_ptr<scalar_t>() : nullptr;
     const acc_t e = static_cast<acc_t>(args.eps);
-    const int32_t mode = args.stabilizer;
-    for_each_run(args, [&](int64_t i0, int64_t i1, int64_t off) {
-      const scalar_t* __restrict__ sb = pb + off;
-      const scalar_t* __restrict__ sc = pc + off;
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t va = static_cast<acc_t>(pa[i]);
-        const acc_t vb = static_cast<acc_t>(sb[i]);
-        acc_t v;
-        if constexpr (op == Op::kStabDiv) {
-          v = lrpfast::stab_div(va, vb, e, mode);
-        } else if constexpr (op == Op::kMulInput) {
-          v = lrpfast::mul_input(va, vb);
-        } else {
-          v = lrpfast::mul_stab_div(va, vb, static_cast<acc_t>(sc[i]), e, mode);
+    // The stabiliser mode becomes a compile-time constant of the inner loop, so that the
+    // compiler folds it away and vectorises the selects (a run-time mode kept it scalar).
+    auto loop = [&](auto mode_constant) {
+      constexpr int32_t mode = decltype(mode_constant)::value;
+      for_each_run(args, [&](int64_t i0, int64_t i1, int64_t off) {
+        const scalar_t* __restrict__ sb = pb + off;
+        const scalar_t* __restrict__ sc = pc + off;
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t va = static_cast<acc_t>(pa[i]);
+          const acc_t vb = static_cast<acc_t>(sb[i]);
+          acc_t v;
+          if constexpr (op == Op::kStabDiv) {
+            v = lrpfast::stab_div(va, vb, e, mode);
+          } else if constexpr (op == Op::kMulInput) {
+            v = lrpfast::mul_input(va, vb);
+          } else {
+            v = lrpfast::mul_stab_div(va, vb, static_cast<acc_t>(sc[i]), e, mode);
+          }
+          out[i] = static_cast<scalar_t>(v);
         }
-        out[i] = static_cast<scalar_t>(v);
-      }
-    });
+      });
+    };
+    if (args.stabilizer == kStabPlus) {
+      loop(std::integral_constant<int32_t, kStabPlus>{});
+    } else {
+      loop(std::integral_constant<int32_t, kStabSign>{});
+    }
   });
   return args.out;
 }

@@ -6,6 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
 #include "../max_pool.h"
 
 namespace lrpfast {
@@ -22,16 +26,25 @@ at::Tensor max_pool_relprop_cpu(const at::Tensor& r, const at::Tensor& indices, 
     const int64_t* pi = a.indices.const_data_ptr<int64_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / a.plane_out);
     at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+      // Half types add up in a float plane and are rounded once (overlapping windows would
+      // otherwise round after every add); float and double add in place.
+      constexpr bool kDirect = std::is_same_v<acc_t, scalar_t>;
+      std::vector<acc_t> plane(kDirect ? 0 : a.plane_in);
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t row = p / a.channels, ch = p % a.channels;
         const int64_t* idx = pi + (shared_row(row, a.k) * a.channels + ch) * a.plane_out;
         const scalar_t* src = pr + p * a.plane_out;
         scalar_t* dst = out + p * a.plane_in;
+        acc_t* acc = kDirect ? reinterpret_cast<acc_t*>(dst) : plane.data();
+        if (!kDirect) std::fill(plane.begin(), plane.end(), acc_t(0));
         for (int64_t j = 0; j < a.plane_out; ++j) {
           const int64_t t = idx[j];
           TORCH_CHECK(t >= 0 && t < a.plane_in, "lrpfast::max_pool_relprop: index ", t,
                       " outside the input plane of ", a.plane_in, " elements (indices from another input?)");
-          dst[t] = static_cast<scalar_t>(static_cast<acc_t>(dst[t]) + static_cast<acc_t>(src[j]));
+          acc[t] += static_cast<acc_t>(src[j]);
+        }
+        if (!kDirect) {
+          for (int64_t j = 0; j < a.plane_in; ++j) dst[j] = static_cast<scalar_t>(plane[j]);
         }
       }
     });

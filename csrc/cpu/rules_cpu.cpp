@@ -1,0 +1,155 @@
+// CPU kernels of the rule ops: the elementwise steps around the one (paired) contraction of the
+// z+, αβ, γ and z^B rules. Each is one pass over memory, parallel over (row, block) pairs, with a
+// plain inner loop over the block (vectorisable); the arithmetic is common/relevance_math.h's.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../rule_args.h"
+
+namespace lrpfast {
+namespace {
+
+// Calls body(row, blk) for every block of every row of `a`, in parallel.
+template <typename Body>
+void for_each_block(const PairedArgs& a, Body body) {
+  const int64_t nb = a.block ? a.n / a.block : 0;
+  const int64_t total = a.rows * nb;
+  if (total == 0) return;
+  const int64_t grain = std::max<int64_t>(1, 32768 / a.block);
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) body(t / nb, t % nb);
+  });
+}
+
+#define LRPFAST_DISPATCH(T, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
+
+at::Tensor sign_split_cpu(const at::Tensor& x, int64_t dim, int64_t groups) {
+  auto a = prepare_sign_split(x, dim, groups);
+  LRPFAST_DISPATCH(x.scalar_type(), "sign_split", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* px = a.a.const_data_ptr<scalar_t>();
+    scalar_t* po = a.out.data_ptr<scalar_t>();
+    for_each_block(a, [&](int64_t row, int64_t blk) {
+      const scalar_t* __restrict__ src = px + row * a.n + blk * a.block;
+      scalar_t* __restrict__ pos = po + row * 2 * a.n + blk * 2 * a.block;
+      scalar_t* __restrict__ neg = pos + a.block;
+      for (int64_t j = 0; j < a.block; ++j) {
+        const acc_t v = static_cast<acc_t>(src[j]);
+        pos[j] = static_cast<scalar_t>(positive_part(v));
+        neg[j] = static_cast<scalar_t>(negative_part(v));
+      }
+    });
+  });
+  return a.out;
+}
+
+template <bool kBounds>
+at::Tensor paired_mul(const char* op, const at::Tensor& c, const at::Tensor& x, const at::Tensor& low,
+                      const at::Tensor& high, int64_t dim, int64_t groups) {
+  auto a = prepare_paired_mul(op, c, x, low, high, dim, groups);
+  LRPFAST_DISPATCH(c.scalar_type(), "lrpfast_paired_mul_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pc = a.a.const_data_ptr<scalar_t>();
+    const scalar_t* px = a.s1.const_data_ptr<scalar_t>();
+    const scalar_t* plo = kBounds ? a.low.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* phi = kBounds ? a.high.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* po = a.out.data_ptr<scalar_t>();
+    for_each_block(a, [&](int64_t row, int64_t blk) {
+      const int64_t srow = shared_row(row, a.k);
+      const scalar_t* __restrict__ cp = pc + row * 2 * a.n + blk * 2 * a.block;
+      const scalar_t* __restrict__ cn = cp + a.block;
+      const scalar_t* __restrict__ xs = px + srow * a.n + blk * a.block;
+      scalar_t* __restrict__ out = po + row * a.n + blk * a.block;
+      if constexpr (kBounds) {
+        const int64_t brow = a.bound_rows == 1 ? 0 : srow;
+        const scalar_t* __restrict__ lo = plo + brow * a.n + blk * a.block;
+        const scalar_t* __restrict__ hi = phi + brow * a.n + blk * a.block;
+        for (int64_t j = 0; j < a.block; ++j) {
+          out[j] = static_cast<scalar_t>(bounds_mul_input(static_cast<acc_t>(cp[j]), static_cast<acc_t>(cn[j]),
+                                                          static_cast<acc_t>(xs[j]), static_cast<acc_t>(lo[j]),
+                                                          static_cast<acc_t>(hi[j])));
+        }
+      } else {
+        for (int64_t j = 0; j < a.block; ++j) {
+          out[j] = static_cast<scalar_t>(sign_split_mul_input(static_cast<acc_t>(cp[j]), static_cast<acc_t>(cn[j]),
+                                                              static_cast<acc_t>(xs[j])));
+        }
+      }
+    });
+  });
+  return a.out;
+}
+
+at::Tensor sign_split_mul_input_cpu(const at::Tensor& c, const at::Tensor& x, int64_t dim, int64_t groups) {
+  return paired_mul<false>("sign_split_mul_input", c, x, at::Tensor(), at::Tensor(), dim, groups);
+}
+
+at::Tensor bounds_mul_input_cpu(const at::Tensor& c, const at::Tensor& x, const at::Tensor& low,
+                                const at::Tensor& high, int64_t dim, int64_t groups) {
+  return paired_mul<true>("bounds_mul_input", c, x, low, high, dim, groups);
+}
+
+enum class DivRule { kAlphaBeta, kGamma };
+
+template <DivRule rule>
+at::Tensor paired_div(const char* op, const at::Tensor& r, const at::Tensor& z, const at::Tensor& z2, int64_t dim,
+                      int64_t groups, double p0, double p1, double eps, c10::string_view stabilizer) {
+  auto a = prepare_paired_div(op, r, z, z2, dim, groups, p0, p1, eps, stabilizer);
+  LRPFAST_DISPATCH(r.scalar_type(), "lrpfast_paired_div_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pr = a.a.const_data_ptr<scalar_t>();
+    const scalar_t* pz = a.s1.const_data_ptr<scalar_t>();
+    const scalar_t* pz2 = a.s2.const_data_ptr<scalar_t>();
+    scalar_t* po = a.out.data_ptr<scalar_t>();
+    const acc_t q0 = static_cast<acc_t>(a.p0), q1 = static_cast<acc_t>(a.p1), e = static_cast<acc_t>(a.eps);
+    const int32_t mode = a.stabilizer;
+    for_each_block(a, [&](int64_t row, int64_t blk) {
+      const int64_t off = shared_row(row, a.k) * a.n + blk * a.block;
+      const scalar_t* __restrict__ rs = pr + row * a.n + blk * a.block;
+      const scalar_t* __restrict__ zs = pz + off;
+      const scalar_t* __restrict__ z2s = pz2 + off;
+      scalar_t* __restrict__ sp = po + row * 2 * a.n + blk * 2 * a.block;
+      scalar_t* __restrict__ sn = sp + a.block;
+      for (int64_t j = 0; j < a.block; ++j) {
+        acc_t vp, vn;
+        if constexpr (rule == DivRule::kAlphaBeta) {
+          alpha_beta_stab_div(static_cast<acc_t>(rs[j]), static_cast<acc_t>(zs[j]), static_cast<acc_t>(z2s[j]), q0,
+                              q1, e, mode, vp, vn);
+        } else {
+          gamma_stab_div(static_cast<acc_t>(rs[j]), static_cast<acc_t>(zs[j]), static_cast<acc_t>(z2s[j]), q0, e,
+                         mode, vp, vn);
+        }
+        sp[j] = static_cast<scalar_t>(vp);
+        sn[j] = static_cast<scalar_t>(vn);
+      }
+    });
+  });
+  return a.out;
+}
+
+at::Tensor alpha_beta_stab_div_cpu(const at::Tensor& r, const at::Tensor& z, const at::Tensor& z_plus, int64_t dim,
+                                   int64_t groups, double alpha, double beta, double eps,
+                                   c10::string_view stabilizer) {
+  return paired_div<DivRule::kAlphaBeta>("alpha_beta_stab_div", r, z, z_plus, dim, groups, alpha, beta, eps,
+                                         stabilizer);
+}
+
+at::Tensor gamma_stab_div_cpu(const at::Tensor& r, const at::Tensor& z, const at::Tensor& zp, int64_t dim,
+                              int64_t groups, double gamma, double eps, c10::string_view stabilizer) {
+  return paired_div<DivRule::kGamma>("gamma_stab_div", r, z, zp, dim, groups, gamma, 0.0, eps, stabilizer);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrpfast, CPU, m) {
+  m.impl("sign_split", &sign_split_cpu);
+  m.impl("sign_split_mul_input", &sign_split_mul_input_cpu);
+  m.impl("bounds_mul_input", &bounds_mul_input_cpu);
+  m.impl("alpha_beta_stab_div", &alpha_beta_stab_div_cpu);
+  m.impl("gamma_stab_div", &gamma_stab_div_cpu);
+}
+
+}  // namespace lrpfast

@@ -1,0 +1,489 @@
+"""Dataset-scale attribution: relevance maps streamed to disk in shards, resumable, split over
+torch.distributed ranks.
+
+    lrpfast.explain_dataset(model, dataset, "out/", batch_size=256, shard_size=4096)
+    torchrun --nproc_per_node 4 my_script.py        # the same call, each rank writes its shards
+    maps = lrpfast.open_relevance("out/")            # maps[i], maps.load(), maps.index
+
+Layout of out_dir:
+  manifest.json          what was computed (sample count, shard size, target, LRP settings, model
+                         fingerprint) and whether the run is complete;
+  shard-000000.pt ...    shard s holds samples [s·shard_size, (s+1)·shard_size) in dataset order:
+                         {"indices", "relevance", "targets", "logits", "rank"}; written to a
+                         temporary name and renamed, so a shard file on disk is always complete;
+  index.pt               {"shard": (N,), "offset": (N,)}: sample i is row offset[i] of shard[i].
+
+Shard s belongs to rank s mod world_size; batches never cross a shard, so a sample's result does
+not depend on how many ranks ran. A rerun with resume=True (the default) skips the shards already
+on disk. Under torchrun the process group is created here when the caller has none (gloo for CPU,
+NCCL for CUDA devices); each rank uses cuda:LOCAL_RANK when CUDA is available and no device is given.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from .ops import RelevanceError
+
+MANIFEST, INDEX = "manifest.json", "index.pt"
+FORMAT_VERSION = 1
+
+
+def make_lrp(model: nn.Module, **kwargs):
+    """lrpfast.LRP(model, **kwargs); a bad keyword (a composite parameter without a composite) is a
+    RelevanceError naming it, like every other bad setting."""
+    from .lrp import LRP
+
+    try:
+        return LRP(model, **kwargs)
+    except TypeError as exc:
+        raise RelevanceError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def parse_target(spec):
+    """A target spec as used by the CLI and explain_dataset: None/"argmax", an int (or "7"),
+    "topK" (the K highest logits, e.g. "top3"), "label" (the dataset's labels), or a tensor.
+    Returns ("argmax", None) | ("index", int) | ("topk", K) | ("label", None) | ("tensor", t)."""
+    if spec is None or (isinstance(spec, str) and spec.lower() == "argmax"):
+        return "argmax", None
+    if isinstance(spec, torch.Tensor):
+        return "tensor", spec.long()
+    if isinstance(spec, bool):
+        raise RelevanceError(f"target: expected argmax, an index, topK, label or a tensor, got {spec!r}")
+    if isinstance(spec, int):
+        return "index", spec
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "label":
+            return "label", None
+        if s.startswith("top"):
+            try:
+                k = int(s[3:].lstrip("-"))
+            except ValueError:
+                k = 0
+            if k < 1:
+                raise RelevanceError(f"target: {spec!r} is not topK with K >= 1 (e.g. top3)")
+            return "topk", k
+        try:
+            return "index", int(s)
+        except ValueError:
+            pass
+    raise RelevanceError(f"target: expected 'argmax', an index, 'topK', 'label' or a tensor, got {spec!r}")
+
+
+def resolve_targets(kind: str, value, classes: int, batch: int, logits: Optional[torch.Tensor] = None,
+                    labels=None, rows=None) -> Optional[torch.Tensor]:
+    """Target tensor for one batch: None (argmax), (B,) or (B, K), on the CPU. `classes`: the
+    model's number of outputs; `logits`: needed for topK; `rows`: the batch's sample indices (for a
+    per-sample target tensor). An out-of-range target is an error naming it."""
+    if kind == "argmax":
+        return None
+    if kind == "index":
+        t = torch.full((batch,), int(value), dtype=torch.long)
+    elif kind == "topk":
+        if value > classes:
+            raise RelevanceError(f"target: top{value} asked for a model with {classes} outputs")
+        t = logits.topk(value, dim=1).indices.cpu()
+    elif kind == "label":
+        if labels is None:
+            raise RelevanceError("target 'label': the inputs have no labels (items must be (x, y) pairs)")
+        t = torch.as_tensor(labels).long().reshape(batch)
+    else:  # a per-sample tensor
+        t = value if rows is None else value[torch.as_tensor(rows)]
+    if t.numel() and (t.min() < 0 or t.max() >= classes):
+        bad = t[(t < 0) | (t >= classes)][0].item()
+        raise RelevanceError(f"target {bad} is out of range: the model has {classes} outputs (0..{classes - 1})")
+    return t
+
+
+class Targets:
+    """Per-batch targets from a spec (see parse_target): `targets(model, x, labels, rows)` gives
+    None (argmax), (B,) or (B, K) on x's device. TopK costs one extra forward per batch; the other
+    kinds one forward of a single sample, once, to learn the number of outputs for the range check."""
+
+    def __init__(self, spec, n_samples: Optional[int] = None):
+        self.kind, self.value = parse_target(spec)
+        if self.kind == "tensor" and n_samples is not None and (
+                self.value.dim() not in (1, 2) or len(self.value) != n_samples):
+            raise RelevanceError(f"target: a target tensor must be (N,) or (N, K) with N = {n_samples} samples, "
+                                 f"got shape {tuple(self.value.shape)}")
+        self.classes = None
+
+    def describe(self) -> str:
+        return self.kind if self.kind in ("argmax", "label", "tensor") else f"{self.kind}:{self.value}"
+
+    def __call__(self, model, x, labels=None, rows=None) -> Optional[torch.Tensor]:
+        if self.kind == "argmax":
+            return None
+        logits = None
+        if self.kind == "topk" or self.classes is None:
+            with torch.no_grad():
+                logits = model(x if self.kind == "topk" else x[:1])
+            if logits.dim() != 2:
+                raise RelevanceError(f"target: the model output has shape {tuple(logits.shape)}, expected (B, classes)")
+            self.classes = logits.shape[1]
+        t = resolve_targets(self.kind, self.value, self.classes, len(x), logits, labels, rows)
+        return t.to(x.device)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _setup_distributed(mode, device):
+    """(rank, world_size, created_group, device). mode: "auto" (join torchrun's group when
+    WORLD_SIZE > 1 or one already exists), True (require it) or False (single process)."""
+    import torch.distributed as dist
+
+    if mode is False or not dist.is_available():
+        return 0, 1, False, device
+    created = False
+    if not dist.is_initialized():
+        launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ  # torchrun's environment
+        if mode is True and not launched:
+            raise RelevanceError("explain_dataset(distributed=True): no process group and no torchrun environment "
+                                 "(WORLD_SIZE, MASTER_ADDR); launch with torchrun or init the group first")
+        if not launched or (int(os.environ["WORLD_SIZE"]) <= 1 and mode is not True):
+            return 0, 1, False, device
+        device = _rank_device(device)
+        use_cuda = device is not None and device.type == "cuda"
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created, device
+
+
+def _rank_device(device) -> Optional[torch.device]:
+    """This torchrun rank's device. NCCL needs one GPU per rank: without a device, a rank takes
+    cuda:LOCAL_RANK when this node has a GPU for every local rank, else stays where the model is
+    (CPU: gloo). "cuda" without an index means cuda:LOCAL_RANK."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        return torch.device("cuda", local) if 0 < local_world <= gpus else None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        if local_world > gpus:
+            raise RelevanceError(f"explain_dataset: {local_world} ranks on this node but {gpus} CUDA device(s); NCCL "
+                                 "needs one GPU per rank (use --nproc_per_node <= the GPU count, or device='cpu')")
+        device = torch.device("cuda", local)
+    return device
+
+
+def _broadcast_error(message: Optional[str], world: int) -> Optional[str]:
+    """Rank 0's verdict for everyone, so that a bad out_dir stops every rank instead of hanging
+    the others at the next barrier."""
+    if world == 1:
+        return message
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- on-disk format
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the parameter and buffer bytes (device independent): a resumed run must use the
+    same weights as the shards already written."""
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write_atomic(obj, path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def shard_path(out_dir: str, s: int) -> str:
+    return os.path.join(out_dir, f"shard-{s:06d}.pt")
+
+
+def _prepare_out_dir(out_dir: str, config: dict, resume: bool) -> Optional[str]:
+    """Rank 0: check or write the manifest. Returns an error message, or None."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as exc:
+            return f"explain_dataset: cannot read {path} ({exc}); remove it or use another out_dir"
+        if resume and old.get("config") != config:
+            diff = sorted(k for k in set(config) | set(old.get("config", {}))
+                          if config.get(k) != old.get("config", {}).get(k))
+            return (f"explain_dataset: {out_dir} holds a run with other settings (differs in {', '.join(diff)}); "
+                    "use another out_dir, or resume=False to overwrite it")
+    if not resume:  # start over: stale shards of an earlier run must not be mistaken for new ones
+        for f in os.listdir(out_dir):
+            if (f.startswith("shard-") and f.endswith(".pt")) or f == INDEX:
+                os.remove(os.path.join(out_dir, f))
+    _write_atomic({"format": FORMAT_VERSION, "config": config, "complete": False}, path)
+    return None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _split_item(batch):
+    """(x, labels or None) from a collated batch: a tensor, or a (x, y, ...) tuple/list."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, dict) and "x" in batch:
+        return batch["x"], batch.get("y")
+    raise RelevanceError("explain_dataset: dataset items must be tensors, (x, y, ...) tuples or dicts with 'x'; "
+                         f"got a batch of type {type(batch).__name__}")
+
+
+def _as_dataset(data):
+    """(dataset, batch_size or None, num_workers, collate_fn) from a Dataset, DataLoader or tensor.
+    A DataLoader's dataset, batch size, workers and collate_fn are reused; its sampler is not
+    (samples are explained in dataset order, which is what the index describes)."""
+    if isinstance(data, DataLoader):
+        return data.dataset, data.batch_size, data.num_workers, data.collate_fn
+    if isinstance(data, torch.Tensor):
+        from .data import TensorInputs
+
+        return TensorInputs(data), None, 0, None
+    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return data, None, 0, None
+    raise RelevanceError(f"explain_dataset: data must be a Dataset, a DataLoader or a tensor, got {type(data).__name__}")
+
+
+def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *, target=None,
+                    batch_size: Optional[int] = None, shard_size: int = 1024, eps: float = 1e-6,
+                    composite=None, lrp_kwargs: Optional[dict] = None, device=None,
+                    storage_dtype: Optional[torch.dtype] = None, transform: Optional[Callable] = None,
+                    resume: bool = True, distributed="auto", num_workers: Optional[int] = None,
+                    keep_logits: bool = True, progress: bool = True) -> dict:
+    """Explain every sample of `data` (a Dataset, DataLoader or tensor; items x or (x, y, ...))
+    and write the relevance maps to out_dir in shards (see the module docstring).
+
+    target: None/"argmax", an int, "topK", "label" (the items' y), or a tensor of per-sample
+    targets, (N,) or (N, K). eps, composite, lrp_kwargs: passed to lrpfast.LRP. transform: applied
+    to each batch on the device before the model (e.g. normalisation). storage_dtype: e.g.
+    torch.float16 to halve the disk space. A shard is gathered in host memory before it is
+    written: choose shard_size so that shard_size maps fit. distributed: "auto" (join torchrun's
+    job when launched by it), True (require it) or False. The model is put in eval mode and moved
+    to the device (under torchrun without a device: cuda:LOCAL_RANK when every local rank has a
+    GPU). Returns a summary dict of this rank's work."""
+    t_start = time.perf_counter()
+    out_dir = os.fspath(out_dir)
+    dataset, loader_bs, loader_workers, collate_fn = _as_dataset(data)
+    batch_size = int(batch_size or loader_bs or 64)
+    num_workers = loader_workers if num_workers is None else num_workers
+    if shard_size < 1 or batch_size < 1:
+        raise RelevanceError(f"explain_dataset: shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+    n = len(dataset)
+    targets = Targets(target, n)
+
+    rank, world, created, device = _setup_distributed(distributed, device)
+    backend = None
+    if world > 1 or created:
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+    try:
+        if device is None:
+            p = next(model.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+        device = torch.device(device)
+        model = model.to(device).eval()
+        lrp = make_lrp(model, eps=eps, composite=composite, **(lrp_kwargs or {}))
+        config = {"n_samples": n, "shard_size": shard_size,
+                  "target": targets.describe(),
+                  "target_tensor": (hashlib.sha256(targets.value.cpu().numpy().tobytes()).hexdigest()[:16]
+                                    if targets.kind == "tensor" else None),
+                  "eps": eps, "composite": composite if composite is None or isinstance(composite, str) else repr(composite),
+                  "lrp_kwargs": {k: repr(v) for k, v in sorted((lrp_kwargs or {}).items())},
+                  "storage_dtype": str(storage_dtype) if storage_dtype else None,
+                  "model": model_fingerprint(model)}
+        error = _prepare_out_dir(out_dir, config, resume) if rank == 0 else None
+        error = _broadcast_error(error, world)
+        if error:
+            raise RelevanceError(error)
+
+        n_shards = (n + shard_size - 1) // shard_size
+        mine = [s for s in range(rank, n_shards, world)]
+        todo = [s for s in mine if not os.path.exists(shard_path(out_dir, s))]
+        written = _run_shards(model, lrp, dataset, todo, n, shard_size, batch_size, num_workers, collate_fn, device,
+                              targets, transform, storage_dtype, keep_logits, out_dir, rank, world,
+                              progress and rank == 0)
+        _barrier(world)
+        error = None
+        if rank == 0:
+            try:
+                _finish(out_dir, n, shard_size, n_shards, world)
+            except RelevanceError as exc:
+                error = str(exc)
+        error = _broadcast_error(error, world)  # also the final synchronisation
+        if error:
+            raise RelevanceError(error)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return {"out_dir": out_dir, "rank": rank, "world_size": world, "backend": backend, "n_samples": n, "n_shards": n_shards,
+            "shards_written": written, "shards_skipped": len(mine) - len(todo),
+            "seconds": time.perf_counter() - t_start}
+
+
+def _run_shards(model, lrp, dataset, shards, n, shard_size, batch_size, num_workers, collate_fn, device, targets,
+                transform, storage_dtype, keep_logits, out_dir, rank, world, progress) -> list:
+    if not shards:
+        return []
+    # Batches never cross a shard: results are the same for any number of ranks and on resume.
+    batches, owner = [], []
+    for s in shards:
+        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+        for i in range(lo, hi, batch_size):
+            batches.append(list(range(i, min(hi, i + batch_size))))
+            owner.append(s)
+    kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", **kwargs)
+    bar = _progress_bar(sum(len(b) for b in batches), progress, "explaining" if world == 1 else f"explaining (rank 0 of {world})")
+    written, parts = [], []
+    try:
+        for bi, batch in enumerate(loader):
+            x, labels = _split_item(batch)
+            x = x.to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x)
+            res = lrp.explain(x, targets(model, x, labels, batches[bi]))
+            rel = res.relevance.detach()
+            parts.append({"relevance": (rel.to(storage_dtype) if storage_dtype else rel).cpu(),
+                          "targets": res.targets.detach().cpu(),
+                          "logits": res.logits.detach().cpu() if keep_logits else None})
+            if bar is not None:
+                bar.update(len(batches[bi]))
+            if bi + 1 == len(batches) or owner[bi + 1] != owner[bi]:
+                s = owner[bi]
+                lo = s * shard_size
+                shard = {"indices": torch.arange(lo, min(n, lo + shard_size)), "rank": rank,
+                         "relevance": torch.cat([p["relevance"] for p in parts]),
+                         "targets": torch.cat([p["targets"] for p in parts]),
+                         "logits": torch.cat([p["logits"] for p in parts]) if keep_logits else None}
+                _write_atomic(shard, shard_path(out_dir, s))
+                written.append(s)
+                parts = []
+    finally:
+        if bar is not None:
+            bar.close()
+    return written
+
+
+def _progress_bar(total: int, enabled: bool, desc: str = "explaining"):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
+
+
+def _finish(out_dir, n, shard_size, n_shards, world) -> None:
+    """Rank 0, after every rank wrote its shards: verify them all, write the index, mark complete."""
+    missing = [s for s in range(n_shards) if not os.path.exists(shard_path(out_dir, s))]
+    if missing:
+        raise RelevanceError(f"explain_dataset: shards {missing[:10]} missing in {out_dir} after the run")
+    idx = torch.arange(n)
+    _write_atomic({"shard": (idx // shard_size).int(), "offset": (idx % shard_size).int(),
+                   "shard_files": [os.path.basename(shard_path(out_dir, s)) for s in range(n_shards)]},
+                  os.path.join(out_dir, INDEX))
+    path = os.path.join(out_dir, MANIFEST)
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.update({"complete": True, "n_shards": n_shards, "world_size": world})
+    _write_atomic(manifest, path)
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+class RelevanceShards:
+    """Read-only view of an explain_dataset folder: len, maps[i] (one sample's relevance),
+    load(field) (every sample in dataset order), and the index/manifest."""
+
+    def __init__(self, out_dir: Union[str, os.PathLike], map_location="cpu"):
+        self.out_dir = os.fspath(out_dir)
+        try:
+            with open(os.path.join(self.out_dir, MANIFEST)) as f:
+                self.manifest = json.load(f)
+        except FileNotFoundError:
+            raise RelevanceError(f"open_relevance: {self.out_dir} has no {MANIFEST} (not an explain_dataset folder)") from None
+        if not self.manifest.get("complete"):
+            raise RelevanceError(f"open_relevance: the run in {self.out_dir} is not complete; rerun explain_dataset "
+                                 "with the same arguments to resume it")
+        self.index = torch.load(os.path.join(self.out_dir, INDEX), weights_only=True)
+        self.map_location = map_location
+        self._cached = (None, None)
+
+    def __len__(self):
+        return len(self.index["shard"])
+
+    def shard(self, s: int) -> dict:
+        if self._cached[0] != s:
+            self._cached = (s, torch.load(shard_path(self.out_dir, s), map_location=self.map_location,
+                                          weights_only=True))
+        return self._cached[1]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"RelevanceShards: sample {i} out of range ({len(self)} samples)")
+        i %= len(self)
+        return self.shard(int(self.index["shard"][i]))["relevance"][int(self.index["offset"][i])]
+
+    def load(self, field: str = "relevance", indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """`field` ("relevance", "targets", "logits") of all samples, or of `indices`, in that order."""
+        idx = torch.arange(len(self)) if indices is None else torch.as_tensor(indices).long()
+        shards = self.index["shard"][idx].long()
+        offsets = self.index["offset"][idx].long()
+        out = None
+        for s in torch.unique(shards).tolist():
+            sel = torch.nonzero(shards == s).flatten()
+            values = self.shard(s)[field]
+            if values is None:
+                raise RelevanceError(f"open_relevance: field {field!r} was not stored (keep_logits=False?)")
+            if out is None:
+                out = values.new_empty((len(idx), *values.shape[1:]))
+            out[sel] = values[offsets[sel]]
+        return out
+
+
+def open_relevance(out_dir, map_location="cpu") -> RelevanceShards:
+    """Open a finished explain_dataset folder."""
+    return RelevanceShards(out_dir, map_location)

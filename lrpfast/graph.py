@@ -1,0 +1,640 @@
+"""Trace a model into a plan of steps (lrpfast/nodes.py), and run the two passes over it.
+
+    plan = build_plan(model, rule_for, eps, stabilizer)   once per LRP object
+    call = forward(plan, x, fuse_pools)                    logits; every step saves what it needs
+    rel  = relevance(plan, call, r0, record)               relevance at the input, K*B rows
+
+Tracing is torch.fx's symbolic tracing, with every layer lrpfast has a rule for kept as one node
+(also subclasses of those layers and lrpfast's rel* wrappers). Nested containers are traced
+through; a module called twice gives two nodes (two steps, two entries in the per-layer report).
+
+Decisions taken once, from the graph (see nodes.py for what they buy):
+- BatchNorm right after a Linear/Conv that feeds nothing else is folded into it (canonize.py);
+  other BatchNorms are per-channel affine steps with the ε rule.
+- A ReLU runs in place on its input's buffer when nothing else reads that buffer, the producing
+  step does not need the unrectified output, and no relevance can arrive where the ReLU outputs 0
+  (every consumer's relevance is proportional to its input). Then the producer's z and the next
+  layer's x are one tensor: less memory, and the fused division reads one tensor, not two.
+- A max pooling on top of a step with a denominator (through activations only) does that step's
+  division itself, on the pooled tensor, before the scatter.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Callable, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import canonize
+from . import layers as rel_layers
+from . import nodes as N
+from .ops import RelevanceError
+
+# ============================================================================= what has a rule
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MAXPOOL = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_AVGPOOL = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_ADAPTIVE_MAX = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+            nn.Identity)
+# Activations: relevance passes (LRP's pass rule). Value: f(0) == 0, and f(x) >= 0 everywhere.
+_ACTIVATIONS = {
+    nn.ReLU: (True, True), nn.ReLU6: (True, True), nn.LeakyReLU: (True, False), nn.ELU: (True, False),
+    nn.GELU: (True, False), nn.SiLU: (True, False), nn.Mish: (True, False), nn.Hardswish: (True, False),
+    nn.Tanh: (True, False), nn.Softsign: (True, False), nn.PReLU: (True, False), nn.CELU: (True, False),
+    nn.SELU: (True, False), nn.Sigmoid: (False, True), nn.Softplus: (False, True), nn.Hardsigmoid: (False, True),
+    nn.Hardtanh: (True, False),
+}
+_FUNCTIONAL_ACTIVATIONS = {
+    F.relu6: (True, True), F.leaky_relu: (True, False), F.elu: (True, False), F.gelu: (True, False),
+    F.silu: (True, False), F.mish: (True, False), F.hardswish: (True, False), F.hardtanh: (True, False),
+    torch.tanh: (True, False), F.tanh: (True, False), torch.sigmoid: (False, True), F.sigmoid: (False, True),
+    F.softplus: (False, True), F.hardsigmoid: (False, True), F.selu: (True, False), F.celu: (True, False),
+}
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+_METHOD_ACTIVATIONS = {"relu": (True, True), "relu_": (True, True), "tanh": (True, False),
+                       "sigmoid": (False, True), "tanh_": (True, False), "sigmoid_": (False, True)}
+_IDENTITY_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+_IDENTITY_METHODS = ("contiguous", "clone", "detach")
+_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+_RESHAPE_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as")
+_CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+_MAXPOOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.max_pool1d_with_indices: 1,
+                      F.max_pool2d_with_indices: 2, F.max_pool3d_with_indices: 3}
+_AVGPOOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+_ADAPTIVE_AVG_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+
+SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d-3d, "
+             "elementwise activations (ReLU, ReLU6, LeakyReLU, GELU, SiLU, Tanh, Sigmoid, ...), Dropout, Identity, "
+             "Flatten/Unflatten, residual add, torch.cat, mean over non-batch dims, "
+             "view/reshape/flatten/squeeze/unsqueeze/permute/transpose/contiguous")
+
+_LEAVES = (nn.Linear, *_CONV, *canonize.BATCH_NORMS, *_MAXPOOL, *_AVGPOOL, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX, *_DROPOUT,
+           *_ACTIVATIONS, nn.Flatten, nn.Unflatten, rel_layers._RelLayer)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every layer with a rule as one node, including user subclasses of those layers."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 (any tracing failure becomes one clear error)
+        raise RelevanceError(
+            f"LRP: could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). LRP needs a "
+            "model whose forward has no data-dependent Python control flow; wrap such parts in a module, or trace "
+            "a sub-model that has none") from exc
+    gm = fx.GraphModule(model, graph)
+    gm.graph.eliminate_dead_code()
+    return gm
+
+
+# ============================================================================= argument handling
+
+
+class _Ref:
+    """A reference to a step's output inside the stored arguments of a node."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _load(env, args, kwargs):
+    f = lambda a: env[a.i] if isinstance(a, _Ref) else a  # noqa: E731
+    return fx.node.map_aggregate(args, f), fx.node.map_aggregate(kwargs, f)
+
+
+def _bind(node: fx.Node, names, defaults) -> dict:
+    """The node's arguments by name (positional and keyword), defaults filled in."""
+    out = dict(defaults)
+    if len(node.args) > len(names):
+        raise RelevanceError(f"LRP: node {node.name!r}: too many arguments for {names}")
+    out.update(zip(names, node.args))
+    for k, v in node.kwargs.items():
+        if k not in names:
+            raise RelevanceError(f"LRP: node {node.name!r}: unexpected argument {k!r}")
+        out[k] = v
+    return out
+
+
+def _constant(node: fx.Node, what: str, v):
+    if isinstance(v, fx.Node) or (isinstance(v, (list, tuple)) and any(isinstance(i, fx.Node) for i in v)):
+        raise RelevanceError(f"LRP: node {node.name!r}: {what} must be a constant, not computed in the graph")
+    return v
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return f"Tensor.{t}"
+    mod = getattr(t, "__module__", None) or ""
+    return f"{mod}.{getattr(t, '__name__', repr(t))}".lstrip(".")
+
+
+def _no_inplace(fn):
+    """fn with inplace=False forced (ReLU6(inplace=True) must not overwrite the layer's z)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn
+    if "inplace" not in params:
+        return fn
+    names = list(params)
+    pos = names.index("inplace")
+
+    def call(*args, **kwargs):
+        if len(args) > pos:
+            args = args[:pos] + (False,) + args[pos + 1:]
+        kwargs["inplace"] = False
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _module_without_inplace(m: nn.Module):
+    if getattr(m, "inplace", False):
+        import copy
+
+        m = copy.copy(m)  # shallow: shares parameters; the user's module keeps inplace=True
+        m.inplace = False
+    return m
+
+
+def _permutation(kind):
+    def perm_of(ndim, args, kwargs):
+        if kind == "permute":
+            dims = list(args[1:]) if len(args) > 1 else list(kwargs.get("dims", ()))
+            if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+                dims = list(dims[0])
+            return [d % ndim for d in dims]
+        d0 = args[1] if len(args) > 1 else kwargs["dim0"]
+        d1 = args[2] if len(args) > 2 else kwargs["dim1"]
+        perm = list(range(ndim))
+        perm[d0 % ndim], perm[d1 % ndim] = perm[d1 % ndim], perm[d0 % ndim]
+        return perm
+
+    return perm_of
+
+
+# ============================================================================= the plan
+
+
+class Plan:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.steps: List[N.Step] = []
+        self.input = -1
+        self.output = -1
+        self.free_after: List[List[int]] = []
+        self._zp: List[Optional[bool]] = []
+
+    def users_zero_preserving(self, i: int) -> bool:
+        """Every consumer of step i sends 0 relevance where step i's output is 0 (and i is not the
+        model output, whose initial relevance may sit on a zero logit)."""
+        if i == self.output:
+            return False
+        return all(self._zp[u] for u in self.steps[i].users)
+
+    def describe(self) -> str:
+        lines = []
+        for s in self.steps:
+            extra = ""
+            if isinstance(s, N.ContractionStep):
+                extra = f"  rule={s.rule!r}"
+            elif isinstance(s, N.PassStep) and s.is_relu and s.inplace:
+                extra = "  (in place)"
+            elif isinstance(s, N.MaxPoolStep) and s.prediv is not None:
+                extra = f"  (divides for {self.steps[s.prediv].name})"
+            lines.append(f"{s.name:<28} {s.op}{extra}")
+        return "\n".join(lines)
+
+
+def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str) -> Plan:
+    gm = trace(model)
+    plan = Plan(gm)
+    index = {}        # fx node -> step index
+    steps = plan.steps
+
+    def ref(a):
+        return fx.node.map_arg(a, lambda n: _Ref(index[n]))
+
+    def tensor_deps(a):
+        found = []
+        fx.node.map_arg(a, lambda n: found.append(index[n]))
+        return found
+
+    def add(step: N.Step, node: fx.Node, src: Optional[fx.Node] = None, inputs=None):
+        step.index = len(steps)
+        deps = tensor_deps((node.args, node.kwargs))
+        step.deps = list(dict.fromkeys(deps))
+        if src is not None:
+            step.src = index[src]
+        if inputs is None:
+            inputs = [] if step.src is None else [step.src]
+        step.inputs = inputs
+        steps.append(step)
+        index[node] = step.index
+        return step
+
+    def meta_only(node):
+        deps = tensor_deps((node.args, node.kwargs))
+        return deps and all(not steps[d].tensor_output for d in deps)
+
+    def first_node_arg(node):
+        a = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        if not isinstance(a, fx.Node):
+            raise RelevanceError(f"LRP: node {node.name!r} ({_target_name(node)}) expects a tensor first argument")
+        return a
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if plan.input >= 0:
+                raise RelevanceError(f"LRP: the model takes more than one input ({node.name!r}); LRP explains one "
+                                     "input tensor")
+            step = N.InputStep(node.name)
+            add(step, node)
+            plan.input = step.index
+        elif node.op == "get_attr":
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            add(N.ConstStep(node.name, value), node)
+        elif node.op == "call_module":
+            _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg)
+        elif node.op in ("call_function", "call_method"):
+            if meta_only(node) or _is_meta_call(node):
+                add(N.MetaStep(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load), node)
+            else:
+                _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
+        elif node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node) or not steps[index[out]].tensor_output:
+                raise RelevanceError("LRP: the model must return one tensor of logits (B, classes); it returns "
+                                     f"{type(out).__name__}")
+            plan.output = index[out]
+    if plan.input < 0:
+        raise RelevanceError("LRP: the traced model has no input")
+    _finish(plan, rule_for)
+    return plan
+
+
+def _is_meta_call(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel", "ndimension")
+    if node.target is getattr:
+        return node.args[1] in ("shape", "ndim", "dtype", "device")
+    return False
+
+
+def _callable(node: fx.Node):
+    if node.op == "call_method":
+        name = node.target
+        return lambda obj, *a, **k: getattr(obj, name)(*a, **k)
+    return node.target
+
+
+def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
+    m = gm.get_submodule(node.target)
+    if isinstance(m, rel_layers._RelLayer):  # lrpfast's seed-style wrappers: the layer they wrap
+        if isinstance(m, rel_layers.Reshape):
+            shape = m.shape or (-1,)
+            step = N.ReshapeStep(node.name, lambda x: x.reshape(x.shape[0], *shape), None, None, None, "Reshape")
+            step.load = lambda env, a, k, step=step: ((env[step.src],), {})
+            return add(step, node, first_node_arg(node))
+        m = m.module
+    src = first_node_arg(node)
+    steps = plan.steps
+    if len([a for a in node.args if isinstance(a, fx.Node)]) + len(node.kwargs) != 1:
+        raise RelevanceError(f"LRP: node {node.name!r} calls {type(m).__name__} with more than one argument")
+    if isinstance(m, nn.Linear) or isinstance(m, _CONV):
+        step = N.ContractionStep(node.name, m, "linear" if isinstance(m, nn.Linear) else "conv", None)
+        step.module_path = node.target
+        return add(step, node, src)
+    if isinstance(m, canonize.BATCH_NORMS):
+        canonize.check_batch_norm(node.name, m)
+        producer = steps[index[src]]
+        if isinstance(producer, N.ContractionStep) and producer.bn is None and len(src.users) == 1:
+            producer.bn, producer.bn_name = m, node.name
+            producer.op += f" + {type(m).__name__} (folded)"
+            index[node] = producer.index  # the BatchNorm node is the (folded) layer from now on
+            return producer
+        return add(N.BatchNormStep(node.name, m, eps, stabilizer), node, src)
+    for table, make in ((_MAXPOOL, "max"), (_ADAPTIVE_MAX, "amax")):
+        for cls, dims in table.items():
+            if isinstance(m, cls):
+                step = _max_pool_step(node.name, dims, m, make)
+                return add(step, node, src)
+    for cls, dims in _AVGPOOL.items():
+        if isinstance(m, cls):
+            step = N.AvgPoolStep(node.name, dims, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                 m.count_include_pad, getattr(m, "divisor_override", None), eps, stabilizer,
+                                 type(m).__name__)
+            return add(step, node, src)
+    for cls, dims in _ADAPTIVE_AVG.items():
+        if isinstance(m, cls):
+            return add(N.AdaptiveAvgPoolStep(node.name, dims, m.output_size, eps, stabilizer, type(m).__name__), node,
+                       src)
+    if isinstance(m, _DROPOUT):
+        return add(N.PassStep(node.name, None, None, None, None, type(m).__name__, True, identity=True), node, src)
+    for cls, (zero, nonneg) in _ACTIVATIONS.items():
+        if isinstance(m, cls):
+            if type(m) is nn.ReLU or (isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward):
+                step = N.PassStep(node.name, None, None, None, None, type(m).__name__, True, is_relu=True)
+            else:
+                fn = _module_without_inplace(m)
+                step = N.PassStep(node.name, fn, None, None, None, type(m).__name__, zero)
+                step.load = lambda env, a, k, step=step: ((env[step.src],), {})
+            if isinstance(m, nn.Hardtanh):
+                nonneg = m.min_val >= 0
+                zero = m.min_val <= 0 <= m.max_val
+                step.zero_at_zero = zero
+            step.nonnegative_output = nonneg
+            return add(step, node, src)
+    if isinstance(m, (nn.Flatten, nn.Unflatten)):
+        step = N.ReshapeStep(node.name, m, None, None, None, type(m).__name__)
+        step.load = lambda env, a, k, step=step: ((env[step.src],), {})
+        return add(step, node, src)
+    raise RelevanceError(
+        f"LRP: node {node.name!r} calls module {node.target!r} ({type(m).__name__}), which has no relevance rule. "
+        f"Supported: {SUPPORTED}")
+
+
+def _max_pool_step(name, dims, m, kind):
+    if kind == "max":
+        step = N.MaxPoolStep(name, dims, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                             bool(m.return_indices), type(m).__name__)
+    else:
+        step = N.MaxPoolStep(name, dims, None, None, 0, 1, False, bool(m.return_indices), type(m).__name__)
+        size = m.output_size
+        fn = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[dims]
+        step.pool = lambda x: fn(x, size, True)
+    return step
+
+
+def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg):
+    t = node.target
+    name = node.name
+    steps = plan.steps
+    what = _target_name(node)
+    is_method = node.op == "call_method"
+
+    def generic(cls, *extra, **kw):
+        return cls(name, _callable(node), ref(node.args), ref(node.kwargs), _load, *extra, **kw)
+
+    # ---- elementwise activations and identities
+    if (not is_method and t in _RELU_FUNCTIONS) or (is_method and t in ("relu", "relu_")):
+        step = N.PassStep(name, None, None, None, None, what, True, is_relu=True)
+        step.nonnegative_output = True
+        return add(step, node, first_node_arg(node))
+    if not is_method and t in _FUNCTIONAL_ACTIVATIONS:
+        zero, nonneg = _FUNCTIONAL_ACTIVATIONS[t]
+        step = N.PassStep(name, _no_inplace(t), ref(node.args), ref(node.kwargs), _load, what, zero)
+        if t is F.hardtanh:
+            b = _bind(node, ["input", "min_val", "max_val", "inplace"], {"min_val": -1.0, "max_val": 1.0})
+            lo, hi = _constant(node, "min_val", b["min_val"]), _constant(node, "max_val", b["max_val"])
+            step.zero_at_zero, nonneg = lo <= 0 <= hi, lo >= 0
+        step.nonnegative_output = nonneg
+        return add(step, node, first_node_arg(node))
+    if is_method and t in _METHOD_ACTIVATIONS:
+        zero, nonneg = _METHOD_ACTIVATIONS[t]
+        method = t.rstrip("_")
+        step = N.PassStep(name, lambda x, *a, **k: getattr(x, method)(*a, **k), ref(node.args), ref(node.kwargs),
+                          _load, what, zero)
+        step.nonnegative_output = nonneg
+        return add(step, node, first_node_arg(node))
+    if (not is_method and t in _IDENTITY_FUNCTIONS) or (is_method and t in _IDENTITY_METHODS):
+        # dropout: the input itself; contiguous/clone/detach: its values, maybe in a new tensor
+        step = generic(N.PassStep, what, True, identity=not is_method)
+        step.preserves_values = True
+        return add(step, node, first_node_arg(node))
+
+    # ---- shape
+    if (not is_method and t in _RESHAPE_FUNCTIONS) or (is_method and t in _RESHAPE_METHODS):
+        # (view_as / reshape_as: the other tensor only gives a shape, it receives no relevance)
+        return add(generic(N.ReshapeStep, what), node, first_node_arg(node))
+    if (not is_method and t in (torch.permute, torch.transpose, torch.swapaxes)) or \
+            (is_method and t in ("permute", "transpose", "swapaxes")):
+        kind = "permute" if (t is torch.permute or t == "permute") else "transpose"
+        return add(generic(N.PermuteStep, what, _permutation(kind)), node, first_node_arg(node))
+
+    # ---- sums and concatenation
+    if (not is_method and t in N.ADD_FUNCTIONS) or (is_method and t in ("add", "add_")):
+        if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
+            raise RelevanceError(f"LRP: node {name!r} ({what}) scales a summand (alpha); only a + b is supported")
+        operands = [a for a in list(node.args) + [node.kwargs.get("other")] if isinstance(a, fx.Node)]
+        inputs = [index[a] for a in operands if steps[index[a]].tensor_output]
+        fn = torch.add if (is_method or t is torch.add) else operator.add  # never in place
+        step = N.AddStep(name, fn, ref(node.args), ref({k: v for k, v in node.kwargs.items()}), _load, eps,
+                         stabilizer)
+        return add(step, node, None, inputs)
+    if not is_method and t in _CAT_FUNCTIONS:
+        b = _bind(node, ["tensors", "dim"], {"dim": 0})
+        dim = _constant(node, "dim", b["dim"])
+        tensors = b["tensors"]
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(a, fx.Node) for a in tensors):
+            raise RelevanceError(f"LRP: node {name!r} ({what}) must concatenate tensors from the graph")
+        idx = [index[a] for a in tensors]
+        step = N.CatStep(name, dim, lambda env, idx=idx: [env[i] for i in idx])
+        return add(step, node, None, idx)
+
+    # ---- pooling
+    if not is_method and t in _MAXPOOL_FUNCTIONS:
+        b = _bind(node, ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+                  {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
+        vals = {k: _constant(node, k, v) for k, v in b.items() if k != "input"}
+        returns = bool(vals["return_indices"]) or t in (F.max_pool1d_with_indices, F.max_pool2d_with_indices,
+                                                        F.max_pool3d_with_indices)
+        step = N.MaxPoolStep(name, _MAXPOOL_FUNCTIONS[t], vals["kernel_size"], vals["stride"], vals["padding"],
+                             vals["dilation"], vals["ceil_mode"], returns, what)
+        return add(step, node, b["input"])
+    if not is_method and t in _AVGPOOL_FUNCTIONS:
+        b = _bind(node, ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                         "divisor_override"],
+                  {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                   "divisor_override": None})
+        vals = {k: _constant(node, k, v) for k, v in b.items() if k != "input"}
+        step = N.AvgPoolStep(name, _AVGPOOL_FUNCTIONS[t], vals["kernel_size"], vals["stride"], vals["padding"],
+                             vals["ceil_mode"], vals["count_include_pad"], vals["divisor_override"], eps, stabilizer,
+                             what)
+        return add(step, node, b["input"])
+    if not is_method and t in _ADAPTIVE_AVG_FUNCTIONS:
+        b = _bind(node, ["input", "output_size"], {})
+        step = N.AdaptiveAvgPoolStep(name, _ADAPTIVE_AVG_FUNCTIONS[t], _constant(node, "output_size", b["output_size"]),
+                                     eps, stabilizer, what)
+        return add(step, node, b["input"])
+    if (not is_method and t is torch.mean) or (is_method and t == "mean"):
+        b = _bind(node, ["input", "dim", "keepdim", "dtype"], {"dim": None, "keepdim": False, "dtype": None})
+        dims = _constant(node, "dim", b["dim"])
+        if dims is None or b["dtype"] is not None:
+            raise RelevanceError(f"LRP: node {name!r} ({what}) must average over given non-batch dims (dim=...), "
+                                 "without dtype")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        step = N.MeanStep(name, dims, bool(_constant(node, "keepdim", b["keepdim"])), eps, stabilizer)
+        return add(step, node, b["input"])
+
+    # ---- tuple outputs
+    if not is_method and t is operator.getitem and isinstance(node.args[0], fx.Node):
+        producer = steps[index[node.args[0]]]
+        if isinstance(producer, N.MaxPoolStep) and producer.returns_indices and isinstance(node.args[1], int):
+            step = N.GetItemStep(name, node.args[1])
+            if node.args[1] != 0:
+                step.tensor_output = False  # the indices carry no relevance
+            return add(step, node, node.args[0])
+        raise RelevanceError(f"LRP: node {name!r} indexes or slices a tensor ({what}); slicing has no relevance "
+                             f"rule. Supported: {SUPPORTED}")
+
+    raise RelevanceError(f"LRP: node {name!r} calls {what}, which has no relevance rule. Supported: {SUPPORTED}")
+
+
+# ============================================================================= analyses
+
+
+def _finish(plan: Plan, rule_for: Callable) -> None:
+    steps = plan.steps
+    n = len(steps)
+    # users (steps reading a step's output during the forward), and when each output dies
+    last_use = list(range(n))
+    for s in steps:
+        for d in s.deps:
+            steps[d].users.append(s.index)
+            last_use[d] = max(last_use[d], s.index)
+    plan.free_after = [[] for _ in range(n)]
+    for i, last in enumerate(last_use):
+        if i != plan.output and i != plan.input:
+            plan.free_after[last].append(i)
+
+    raw_input = [False] * n        # the step's output is the model input up to pooling/reshaping
+    nonneg = [False] * n           # the step's output is >= 0
+    for s in steps:
+        i = s.index
+        srcs = s.inputs
+        if isinstance(s, N.InputStep):
+            raw_input[i] = True
+        elif isinstance(s, (N.ContractionStep, N.BatchNormStep, N.ConstStep, N.MetaStep)):
+            raw_input[i] = False
+        else:
+            raw_input[i] = any(raw_input[j] for j in srcs)
+        if isinstance(s, N.PassStep) and not s.preserves_values:
+            nonneg[i] = s.nonnegative_output
+        elif isinstance(s, (N.ContractionStep, N.BatchNormStep, N.InputStep, N.ConstStep, N.MetaStep)):
+            nonneg[i] = False
+        else:
+            nonneg[i] = bool(srcs) and all(nonneg[j] for j in srcs)
+
+    # rules, from the composite, once per layer (the context has no tensors yet)
+    for s in steps:
+        if isinstance(s, N.ContractionStep):
+            s.is_first = raw_input[s.src]
+            s.x_nonnegative = nonneg[s.src]
+            w, b = s.params()
+            s.rule = rule_for(s.module_path, s.module, s.context(weight=w, bias=b))
+
+    # zero-preserving, from the output backwards (users come later in graph order)
+    plan._zp = [None] * n
+    for s in reversed(steps):
+        plan._zp[s.index] = bool(s.zero_preserving(plan))
+
+    def single_user(i):
+        return len(steps[i].users) == 1 and i != plan.output
+
+    # in-place ReLUs, and the layers whose output feeds a ReLU
+    for s in steps:
+        if not (isinstance(s, N.PassStep) and s.is_relu):
+            continue
+        p = s.src
+        while isinstance(steps[p], N.PassStep) and steps[p].identity and single_user(p):
+            p = steps[p].src
+        prod = steps[p]
+        if prod.fresh_output and single_user(p) and plan.users_zero_preserving(s.index) \
+                and not getattr(getattr(prod, "rule", None), "needs_raw_z", False):
+            s.inplace = True
+    for s in steps:
+        if isinstance(s, N.ContractionStep):
+            i = s.index
+            while single_user(i) and isinstance(steps[steps[i].users[0]], (N.PassStep, N.MaxPoolStep)):
+                nxt = steps[steps[i].users[0]]
+                if isinstance(nxt, N.PassStep) and nxt.is_relu:
+                    s.output_feeds_relu = plan.users_zero_preserving(nxt.index)
+                    break
+                if isinstance(nxt, N.PassStep) and not nxt.identity:
+                    break
+                i = nxt.index
+
+    # max poolings that take over the division of the step below them
+    for s in steps:
+        if not isinstance(s, N.MaxPoolStep):
+            continue
+        p, same = s.src, True
+        while isinstance(steps[p], (N.PassStep,)) and single_user(p):
+            same = same and (steps[p].identity or (steps[p].is_relu and steps[p].inplace))
+            p = steps[p].src
+        if steps[p].has_denominator and single_user(p):
+            s.prediv, s.prediv_same_tensor = p, same
+
+
+# ============================================================================= the passes
+
+
+def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True) -> N.Call:
+    """Run the model's forward step by step; returns the call state (logits in call.logits)."""
+    steps = plan.steps
+    call = N.Call(steps, fuse_pools)
+    env: list = [None] * len(steps)
+    env[plan.input] = x
+    free_after = plan.free_after
+    for s in steps:
+        i = s.index
+        if i != plan.input:
+            try:
+                env[i] = s.forward(env, call)
+            except RelevanceError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                shapes = [tuple(env[j].shape) for j in s.deps if isinstance(env[j], torch.Tensor)]
+                raise RelevanceError(f"LRP: {s.describe()} failed on input(s) of shape "
+                                     f"{', '.join(map(str, shapes)) or '()'}: {exc}") from exc
+        for j in free_after[i]:
+            env[j] = None
+    call.logits = env[plan.output]
+    return call
+
+
+def relevance(plan: Plan, call: N.Call, r0: torch.Tensor, record: Optional[Callable] = None) -> torch.Tensor:
+    """Propagate r0 (K*B rows at the output) back to the input; `record(step, outs)` sees every
+    step's messages to its inputs (per-layer relevances, conservation)."""
+    steps = plan.steps
+    incoming: list = [None] * len(steps)
+    incoming[plan.output] = [N.Msg(N.DENSE, r0, None, True)]
+    result = None
+    for i in range(len(steps) - 1, -1, -1):
+        msgs = incoming[i]
+        if msgs is None:
+            continue
+        incoming[i] = None
+        if i == plan.input:
+            result = N.materialize(N.combine(msgs))
+            continue
+        step = steps[i]
+        outs = step.relprop(N.combine(msgs), call)
+        call.saved[i] = None
+        if record is not None:
+            record(step, outs)
+        for j, m in outs:
+            if steps[j].tensor_output and not isinstance(steps[j], N.ConstStep):
+                if incoming[j] is None:
+                    incoming[j] = [m]
+                else:
+                    incoming[j].append(m)
+    return result

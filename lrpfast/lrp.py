@@ -1,0 +1,306 @@
+"""Whole-model LRP: `LRP(model)(x, target)`.
+
+    lrp = lrpfast.LRP(model)                      # traces once; the model is never modified
+    R = lrp(x)                                    # relevance at the input, shaped like x
+    R = lrp(x, target=torch.tensor([[3, 5]] * B)) # K targets per sample: (B, K, *x.shape[1:])
+    e = lrp.explain(x, keep_layers=True)          # + logits, targets, per-layer relevances and
+                                                  #   Σ R per layer and sample (where it is lost)
+
+One forward (no autograd), then one relevance pass in reverse graph order (lrpfast/graph.py,
+lrpfast/nodes.py). K targets share that forward: the relevance carries K*B rows, x and z are
+shared. `batch_size` or `memory_budget` split a large batch into chunks.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import graph, nodes as N, ops
+from .ops import DEFAULT_EPS, RelevanceError
+from .rules import Epsilon
+
+INITS = ("logit", "onehot")
+
+
+@dataclass
+class Explanation:
+    """What `LRP.explain` returns.
+
+    relevance     relevance at the input: x's shape, or (B, K, *x.shape[1:]) for (B, K) targets
+    logits        the model output (B, classes)
+    targets       the explained classes: (B,) or (B, K)
+    layers        node name -> relevance at that node's input (a tuple for add/cat nodes), or
+                  None unless keep_layers=True
+    conservation  node name -> Σ R per sample, (B,) or (B, K): at each node's input, plus
+                  "output" (the initial relevance) and the input's node name. Biases and
+                  stabilisers absorb some relevance: a drop between two nodes shows where.
+    """
+
+    relevance: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    layers: Optional[Dict[str, object]]
+    conservation: Dict[str, torch.Tensor]
+
+
+def _parse_budget(v) -> Optional[int]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", v, re.IGNORECASE)
+        if not m:
+            raise RelevanceError(f"LRP: memory_budget {v!r} is not a size like 2GiB, 512MB or a number of bytes")
+        unit = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+        v = float(m.group(1)) * unit
+    if not isinstance(v, (int, float)) or v <= 0:
+        raise RelevanceError(f"LRP: memory_budget must be a positive number of bytes, got {v!r}")
+    return int(v)
+
+
+def _rule_resolver(composite, eps, stabilizer, params):
+    default = Epsilon(eps, stabilizer)
+    if composite is None:
+        if params:
+            raise TypeError(f"LRP: unexpected keyword arguments {sorted(params)} (composite parameters need a "
+                            "composite)")
+        return lambda name, module, ctx: default, "epsilon"
+    if not callable(getattr(composite, "rule_for", None)) or params:
+        # A name, a user mapping (dict / callable / list) or a Composite with parameters.
+        try:
+            from . import composites
+        except ImportError as exc:
+            raise RelevanceError(f"LRP: composite {composite!r} needs lrpfast.composites, which is not available "
+                                 f"({exc})") from exc
+        if isinstance(composite, str) or not callable(getattr(composite, "rule_for", None)):
+            # LRP's own eps/stabilizer are the composite's unless given for it
+            params = {"eps": eps, "stabilizer": stabilizer, **params}
+        composite = composites.get(composite, **params)
+    label = getattr(composite, "name", None) or type(composite).__name__
+
+    def rule_for(name, module, ctx):
+        rule = composite.rule_for(name, module, ctx)
+        if rule is None:
+            return default
+        if not callable(getattr(rule, "relprop", None)):
+            raise TypeError(f"LRP: composite {label!r} gave {rule!r} for layer {name!r}; expected a Rule")
+        return rule
+
+    return rule_for, label
+
+
+def _targets(target, logits: torch.Tensor):
+    """(B, K) long targets and whether the caller asked for K maps per sample."""
+    b, classes = logits.shape
+    if target is None:
+        return logits.argmax(1, keepdim=True), False
+    if isinstance(target, bool):
+        raise TypeError("LRP: target must be None, an int or a LongTensor, got a bool")
+    if isinstance(target, int):
+        t, multi = torch.full((b, 1), target, dtype=torch.long, device=logits.device), False
+    else:
+        t = target if isinstance(target, torch.Tensor) else torch.as_tensor(target)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"LRP: target must hold integer class indices, got dtype {t.dtype}")
+        t = t.to(device=logits.device, dtype=torch.long)
+        if t.dim() == 0:
+            t, multi = t.reshape(1, 1).expand(b, 1), False
+        elif t.dim() == 1:
+            t, multi = t.unsqueeze(1), False
+        elif t.dim() == 2:
+            multi = True
+        else:
+            raise RelevanceError(f"LRP: target must be an int, (B,) or (B, K); got shape {tuple(t.shape)}")
+        if t.shape[0] != b or t.shape[1] == 0:
+            raise RelevanceError(f"LRP: target of shape {tuple(target.shape) if isinstance(target, torch.Tensor) else t.shape} "
+                                 f"does not fit the batch of {b} samples (expected (B,) or (B, K), K >= 1)")
+    bad = (t < 0) | (t >= classes)
+    if torch.compiler.is_compiling():
+        # A Python branch on the data would break the graph: check inside it instead.
+        torch._assert_async(torch.logical_not(bad.any()), "LRP: target out of range")
+    elif bool(bad.any()):
+        raise RelevanceError(f"LRP: target {t[bad][0].item()} is out of range for {classes} classes "
+                             f"(valid: 0..{classes - 1})")
+    return t, multi
+
+
+class LRP:
+    """Layer-wise Relevance Propagation for any traceable model.
+
+    model            an nn.Module (traced with torch.fx once; never modified: BatchNorms are folded
+                     into copies of the weights, recomputed if the model's parameters change)
+    eps, stabilizer  the ε rule's stabiliser: stab(z) = z + eps·sign(z) ("sign", sign(0) = +1) or
+                     z + eps ("plus", the seed's); used by the default rule and by the parameter-free
+                     steps (residual adds, average pooling, unfolded BatchNorm)
+    init             initial relevance: the target logit ("logit", the seed's choice) or 1 ("onehot")
+    composite        None (ε everywhere), a name or user mapping for
+                     lrpfast.composites.get(composite, eps=eps, stabilizer=stabilizer, **composite_params),
+                     or an object with rule_for(name, module, ctx) -> Rule or None (None: the ε rule).
+                     rule_for is asked once per Linear/Conv call when the model is traced, with the
+                     module's qualified name (e.g. "features.0"); ctx.name is the graph node's name,
+                     and ctx has the layer's geometry, weight, bias (BatchNorm folded in), is_first
+                     and x_nonnegative, but no tensors x, z yet.
+    batch_size       at most this many samples per chunk
+    memory_budget    bytes (or "2GiB", "512MB") one chunk may use, estimated per input shape
+    """
+
+    def __init__(self, model: nn.Module, eps: float = DEFAULT_EPS, stabilizer: str = "sign", init: str = "logit",
+                 composite=None, batch_size: Optional[int] = None, memory_budget: Union[int, str, None] = None,
+                 **composite_params):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"LRP: model must be an nn.Module, got {type(model).__name__}")
+        ops.check_stabilizer("LRP", eps, stabilizer)
+        if init not in INITS:
+            raise RelevanceError(f"LRP: init must be one of {INITS}, got {init!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
+            raise RelevanceError(f"LRP: batch_size must be a positive int or None, got {batch_size!r}")
+        self.model = model
+        self.eps, self.stabilizer, self.init = float(eps), stabilizer, init
+        self.batch_size = batch_size
+        self.memory_budget = _parse_budget(memory_budget)
+        rule_for, self.composite_name = _rule_resolver(composite, self.eps, stabilizer, composite_params)
+        with torch.no_grad():
+            self.plan = graph.build_plan(model, rule_for, self.eps, stabilizer)
+        self._per_sample: dict = {}
+
+    def __repr__(self):
+        return f"LRP({type(self.model).__name__}, composite={self.composite_name}, eps={self.eps}, " \
+               f"stabilizer={self.stabilizer!r}, init={self.init!r})\n{self.plan.describe()}"
+
+    @property
+    def node_names(self):
+        """The graph nodes, in forward order (keys of Explanation.layers / .conservation)."""
+        return [s.name for s in self.plan.steps if s.tensor_output and not isinstance(s, (N.ConstStep,))]
+
+    def rules(self) -> Dict[str, object]:
+        """node name -> the rule of each Linear/Conv node."""
+        return {s.name: s.rule for s in self.plan.steps if isinstance(s, N.ContractionStep)}
+
+    # ------------------------------------------------------------------------- calls
+
+    def __call__(self, x: torch.Tensor, target=None) -> torch.Tensor:
+        return self._explain(x, target, record=False, keep_layers=False).relevance
+
+    def explain(self, x: torch.Tensor, target=None, keep_layers: bool = False) -> Explanation:
+        return self._explain(x, target, record=True, keep_layers=keep_layers)
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"LRP: x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"LRP: x must be a floating-point tensor, got {x.dtype}")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise RelevanceError(f"LRP: x must be a batch (B, ...) with B >= 1, got shape {tuple(x.shape)}")
+        ref = next(iter(self.model.parameters()), None)
+        if ref is not None and (ref.dtype != x.dtype or ref.device != x.device):
+            raise RelevanceError(f"LRP: x is {x.dtype} on {x.device}, but the model's parameters are {ref.dtype} on "
+                                 f"{ref.device}; move one to the other")
+
+    def _chunk(self, x, k: int) -> int:
+        b = x.shape[0]
+        if self.batch_size is not None:
+            return min(b, self.batch_size)
+        if self.memory_budget is None:
+            return b
+        key = (tuple(x.shape[1:]), x.dtype, x.device, k)
+        if key not in self._per_sample:
+            self._per_sample[key] = self._estimate_bytes(x[:1], k)
+        return max(1, min(b, self.memory_budget // max(1, self._per_sample[key])))
+
+    def _estimate_bytes(self, x1, k: int) -> int:
+        """Bytes one sample needs: every forward output (an upper bound of what is kept), plus a
+        few relevance tensors of the largest layer for each of the K maps."""
+        sizes = []
+        plan = self.plan
+        call = N.Call(plan.steps, True)
+        env = [None] * len(plan.steps)
+        env[plan.input] = x1
+        for s in plan.steps:
+            if s.index != plan.input:
+                env[s.index] = s.forward(env, call)
+                v = env[s.index]
+                for t in (v if isinstance(v, tuple) else (v,)):
+                    if isinstance(t, torch.Tensor) and not isinstance(s, N.ConstStep):
+                        sizes.append(t.numel() * t.element_size())
+        return sum(sizes) + 3 * k * max(sizes, default=0)
+
+    def _explain(self, x, target, record: bool, keep_layers: bool) -> Explanation:
+        self._check_input(x)
+        b = x.shape[0]
+        t_all = target
+        if target is not None and not isinstance(target, (int, torch.Tensor)):
+            t_all = torch.as_tensor(target)  # lists, numpy arrays: split per chunk like a tensor
+        if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 and t_all.shape[0] != b:
+            raise RelevanceError(f"LRP: target has {t_all.shape[0]} rows for a batch of {b} samples")
+        k = t_all.shape[1] if isinstance(t_all, torch.Tensor) and t_all.dim() == 2 else 1
+        chunk = self._chunk(x, k)
+        parts = []
+        with torch.no_grad():
+            for a in range(0, b, chunk):
+                tc = t_all[a:a + chunk] if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 else t_all
+                parts.append(self._run(x[a:a + chunk], tc, record, keep_layers))
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        cat = lambda vals: torch.cat(vals, 0)  # noqa: E731
+        layers = None
+        if first.layers is not None:
+            layers = {n: (tuple(cat([p.layers[n][i] for p in parts]) for i in range(len(v))) if isinstance(v, tuple)
+                          else cat([p.layers[n] for p in parts])) for n, v in first.layers.items()}
+        return Explanation(relevance=cat([p.relevance for p in parts]), logits=cat([p.logits for p in parts]),
+                           targets=cat([p.targets for p in parts]), layers=layers,
+                           conservation=None if first.conservation is None else
+                           {n: cat([p.conservation[n] for p in parts]) for n in first.conservation})
+
+    def _run(self, x, target, record: bool, keep_layers: bool) -> Explanation:
+        plan = self.plan
+        call = graph.forward(plan, x, fuse_pools=not record)
+        logits = call.logits
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise RelevanceError(f"LRP: the model output has shape {tuple(getattr(logits, 'shape', ()))}; expected "
+                                 f"logits (B, classes) with B = {x.shape[0]}")
+        t, multi = _targets(target, logits)
+        b, k = t.shape
+        r0 = torch.zeros((b, k, logits.shape[1]), dtype=logits.dtype, device=logits.device)
+        value = logits.gather(1, t) if self.init == "logit" else torch.ones(t.shape, dtype=logits.dtype,
+                                                                               device=logits.device)
+        r0.scatter_(2, t.unsqueeze(-1), value.unsqueeze(-1))
+        r0 = r0.reshape(b * k, -1)
+
+        def shaped(r, shape):
+            r = r.reshape(b, k, *shape)
+            return r if multi else r[:, 0]
+
+        conservation, layers, recorder = None, None, None
+        if record:
+            conservation = {"output": shaped(r0.sum(-1), ())}
+            layers = {} if keep_layers else None
+            steps = plan.steps
+
+            def recorder(step, outs):
+                outs = [(j, m) for j, m in outs if steps[j].tensor_output and not isinstance(steps[j], N.ConstStep)]
+                if not outs:
+                    return
+                total = None
+                for _, m in outs:
+                    s = N.relevance_sum(m, b)
+                    total = s if total is None else total + s
+                conservation[step.name] = shaped(total, ())
+                if layers is not None:
+                    # DENSE tensors travel on and may be accumulated into in place: copy them
+                    maps = tuple(shaped(m.a.clone() if m.kind == N.DENSE else N.materialize(m), m.a.shape[1:])
+                                 for _, m in outs)
+                    layers[step.name] = maps[0] if len(maps) == 1 else maps
+
+        rel = graph.relevance(plan, call, r0, recorder)
+        del call
+        if rel is None:  # the output does not depend on the input
+            rel = torch.zeros((b * k, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        if record:
+            conservation[plan.steps[plan.input].name] = shaped(rel.reshape(b, k, -1).sum(-1), ())
+        return Explanation(relevance=shaped(rel, x.shape[1:]), logits=logits, targets=t if multi else t[:, 0],
+                           layers=layers, conservation=conservation)

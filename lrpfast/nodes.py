@@ -1,0 +1,698 @@
+"""One step per graph node of a traced model: its forward, and its relevance step.
+
+The whole-model pass (lrpfast/graph.py) runs `forward` for every step in graph order, then
+`relprop` in reverse order. Relevance travels between steps as a Msg:
+
+    DENSE    a = R                      the relevance itself
+    LAZY     a = c, x:  R = x ⊙ c        the product with a layer's input not yet taken: the
+                                        next lower step with a denominator z takes it inside its
+                                        division, s = (x ⊙ c) / stab(z), one fused pass
+                                        (ops.mul_stab_div) across the ReLU in between
+    DIVIDED  a = s = R / stab(z') of    a max pooling above that step already divided (the
+             the step numbered x        division fused with the winner-take-all scatter)
+
+`owned` says that `a` is a temporary of this pass that a step may overwrite in place. x and z are
+shared by the K maps of a sample: a relevance tensor has K*B rows (row b*K + k), x and z have B.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import canonize, ops
+from .ops import RelevanceError
+from .rules import LayerContext
+
+DENSE, LAZY, DIVIDED = 0, 1, 2
+
+
+class Msg(NamedTuple):
+    kind: int
+    a: torch.Tensor
+    x: object = None
+    owned: bool = False
+
+
+def materialize(msg: Msg) -> torch.Tensor:
+    if msg.kind == DENSE:
+        return msg.a
+    if msg.kind == LAZY:
+        return ops.mul_input(msg.a, msg.x)
+    raise RelevanceError("LRP internal error: a divided relevance reached a step without its denominator")
+
+
+def divide(msg: Msg, z: torch.Tensor, eps: float, stabilizer: str) -> torch.Tensor:
+    """s = R / stab(z), fused with the pending product when R is LAZY."""
+    if msg.kind == LAZY and msg.x.shape == z.shape:
+        return ops.mul_stab_div(msg.a, msg.x, z, eps, stabilizer)
+    return ops.stab_div(materialize(msg), z, eps, stabilizer)
+
+
+def combine(msgs: List[Msg]) -> Msg:
+    """The relevance at a tensor used by several steps: the sum of what each sends back. LAZY
+    messages with the same x add their c (x ⊙ c1 + x ⊙ c2 = x ⊙ (c1 + c2))."""
+    if len(msgs) == 1:
+        return msgs[0]
+    first = msgs[0]
+    if all(m.kind == LAZY and m.x is first.x for m in msgs):
+        kind, x = LAZY, first.x
+        parts = [m for m in msgs]
+    else:
+        kind, x = DENSE, None
+        parts = [m if m.kind == DENSE else Msg(DENSE, materialize(m), None, True) for m in msgs]
+    # Accumulate into a temporary of this pass when there is one (a residual's skip relevance
+    # arrives as the shared, unowned s; the branch's c is ours to overwrite).
+    first = next((i for i, m in enumerate(parts) if m.owned and m.a.is_contiguous()), 0)
+    parts.insert(0, parts.pop(first))
+    acc, owned = parts[0].a, parts[0].owned
+    for m in parts[1:]:
+        if owned and acc.shape == m.a.shape and acc.is_contiguous():
+            acc.add_(m.a)
+        else:
+            acc, owned = acc + m.a, True
+    return Msg(kind, acc, x, owned)
+
+
+def relevance_sum(msg: Msg, b: int) -> torch.Tensor:
+    """Σ R per map: (B, K). A LAZY message is summed without forming x ⊙ c."""
+    k = msg.a.shape[0] // b if b else 1
+    if msg.kind == LAZY:
+        c = msg.a.reshape(b, k, -1)
+        return torch.bmm(c, msg.x.reshape(b, -1, 1).to(c.dtype)).squeeze(-1)
+    return materialize(msg).reshape(b, k, -1).sum(-1)
+
+
+class Call:
+    """The state of one call: what each step saved in its forward, denominators asked for."""
+
+    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits")
+
+    def __init__(self, steps, fuse_pools: bool):
+        self.steps = steps
+        self.saved = [None] * len(steps)
+        self.dens = {}
+        self.fuse_pools = fuse_pools
+        self.logits = None
+
+    def denominator(self, index: int):
+        if index not in self.dens:
+            self.dens[index] = self.steps[index].denominator(self)
+        return self.dens[index]
+
+
+# ============================================================================= base
+
+
+class Step:
+    """A graph node. Plan-time fields are filled by lrpfast.graph:
+    index, src (the main tensor input's step, or None), inputs (the steps that receive relevance),
+    deps (every step whose value the forward reads), users."""
+
+    op = "?"                    # what the node computes, for messages
+    tensor_output = True        # False for shape arithmetic (x.size(0))
+    fresh_output = False        # the forward allocates its output (a ReLU may rectify it in place)
+    has_denominator = False     # its relevance step starts with s = R / stab(z')
+    passes_divided = False      # relevance passes unchanged, a DIVIDED message included
+
+    def __init__(self, name: str):
+        self.name = name
+        self.index = -1
+        self.src: Optional[int] = None
+        self.inputs: List[int] = []
+        self.deps: List[int] = []
+        self.users: List[int] = []
+
+    def describe(self) -> str:
+        return f"node {self.name!r} ({self.op})"
+
+    def forward(self, env, call):
+        raise NotImplementedError
+
+    def relprop(self, msg: Msg, call: Call) -> List[Tuple[int, Msg]]:
+        raise NotImplementedError
+
+    def denominator(self, call: Call):
+        return None
+
+    def output_of(self, call: Call):
+        """This step's forward output, while the pass holds it (steps with a denominator)."""
+        return None
+
+    def zero_preserving(self, plan) -> bool:
+        """The relevance this step sends to its inputs is 0 wherever an input is 0."""
+        return False
+
+
+class InputStep(Step):
+    op = "input"
+
+    def forward(self, env, call):
+        raise AssertionError("the input is set by the pass")
+
+
+class ConstStep(Step):
+    """A parameter or buffer read by the graph (get_attr): a constant, it receives no relevance."""
+
+    op = "get_attr"
+
+    def __init__(self, name, value):
+        super().__init__(name)
+        self.value = value
+
+    def forward(self, env, call):
+        v = self.value
+        return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+class MetaStep(Step):
+    """Shape arithmetic (x.size(0), x.shape, x.dim(), ints combined): no relevance."""
+
+    op = "shape arithmetic"
+    tensor_output = False
+
+    def __init__(self, name, fn, args, kwargs, load):
+        super().__init__(name)
+        self.fn, self.args, self.kwargs, self.load = fn, args, kwargs, load
+
+    def forward(self, env, call):
+        args, kwargs = self.load(env, self.args, self.kwargs)
+        return self.fn(*args, **kwargs)
+
+    def zero_preserving(self, plan):
+        return True
+
+
+# ============================================================================= layers with weights
+
+
+class ContractionStep(Step):
+    """nn.Linear / nn.Conv1d/2d/3d (BatchNorm after it folded in): the rule of the composite."""
+
+    fresh_output = True
+    has_denominator = True
+
+    def __init__(self, name, module, kind, rule, bn=None, bn_name=None):
+        super().__init__(name)
+        self.module, self.kind, self.rule, self.bn, self.bn_name = module, kind, rule, bn, bn_name
+        self.op = type(module).__name__ + (f" + {type(bn).__name__} (folded)" if bn is not None else "")
+        self.cache: dict = {}   # the rule's per-layer cache (LayerContext.cache)
+        self.is_first = False
+        self.x_nonnegative = False
+        self.output_feeds_relu = False
+        self._stamp = None
+        self._wb = None
+        if kind == "conv":
+            if getattr(module, "padding_mode", "zeros") != "zeros":
+                raise RelevanceError(f"LRP: {self.describe()} has padding_mode={module.padding_mode!r}; only "
+                                     "'zeros' is supported")
+            dims = module.weight.dim() - 2
+            self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+            self.stride = tuple(module.stride)
+            self.dilation = tuple(module.dilation)
+            self.groups = int(module.groups)
+            # ints, or 'valid' / 'same' (even kernels: asymmetric, handled by lrpfast.contractions)
+            self.padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+        else:
+            self.stride, self.padding, self.dilation, self.groups = (), 0, (), 1
+
+    def params(self):
+        """The weight and bias the forward runs with: the module's own (detached), or with the
+        BatchNorm folded in, recomputed when the user changes a parameter or statistic."""
+        m = self.module
+        if self.bn is None:
+            return m.weight.detach(), None if m.bias is None else m.bias.detach()
+        stamp = canonize.source_version(m.weight, m.bias, *canonize.bn_tensors(self.bn))
+        if stamp != self._stamp:
+            self._wb = canonize.fold(m.weight.detach(), None if m.bias is None else m.bias.detach(), self.bn)
+            self._stamp = stamp
+            self.cache.clear()  # modified weights of the rule came from the old ones
+        return self._wb
+
+    def context(self, x=None, z=None, weight=None, bias=None) -> LayerContext:
+        return LayerContext(name=self.name, module=self.module, kind=self.kind, x=x, z=z, weight=weight, bias=bias,
+                            stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+                            is_first=self.is_first, x_nonnegative=self.x_nonnegative, cache=self.cache,
+                            output_feeds_relu=self.output_feeds_relu)
+
+    def forward(self, env, call):
+        x = env[self.src]
+        w, b = self.params()
+        if self.kind == "linear":
+            z = F.linear(x, w, b)
+            if self.bn is not None and z.dim() != 2:
+                raise RelevanceError(f"LRP: {self.describe()}: a BatchNorm folded into a Linear needs (B, features) "
+                                     f"outputs, got {tuple(z.shape)}")
+        else:
+            z = self.conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        call.saved[self.index] = self.context(x, z, w, b)
+        return z
+
+    def denominator(self, call):
+        return self.rule.denominator(call.saved[self.index])
+
+    def output_of(self, call):
+        return call.saved[self.index].z
+
+    def relprop(self, msg, call):
+        ctx = call.saved[self.index]
+        rule = self.rule
+        out = None
+        if msg.kind == DIVIDED:
+            s = msg.a
+        else:
+            den = call.denominator(self.index)
+            if den is None:
+                out = Msg(DENSE, rule.relprop(ctx, materialize(msg)), None, True)
+            else:
+                s = divide(msg, *den)
+        if out is None:
+            contract = getattr(rule, "contract", None)
+            c = contract(ctx, s) if contract is not None else None
+            if c is None:
+                out = Msg(DENSE, rule.relprop_from_s(ctx, s), None, True)
+            else:
+                out = Msg(LAZY, c, ctx.x, True)
+        return [(self.src, out)]
+
+    def zero_preserving(self, plan):
+        return bool(getattr(self.rule, "input_proportional", False))
+
+
+# ============================================================================= parameter-free ε steps
+
+
+class _EpsilonStep(Step):
+    """A step whose relevance rule is ε with the LRP's eps/stabiliser: s = R / stab(z) over its own
+    output z, then a linear map of s, then ⊙ x."""
+
+    fresh_output = True
+    has_denominator = True
+
+    def __init__(self, name, eps, stabilizer):
+        super().__init__(name)
+        self.eps, self.stabilizer = eps, stabilizer
+
+    def denominator(self, call):
+        return call.saved[self.index][1], self.eps, self.stabilizer
+
+    def output_of(self, call):
+        return call.saved[self.index][1]
+
+    def _s(self, msg, call):
+        if msg.kind == DIVIDED:
+            return msg.a
+        return divide(msg, *call.denominator(self.index))
+
+    def zero_preserving(self, plan):
+        return True
+
+
+class BatchNormStep(_EpsilonStep):
+    """A BatchNorm that cannot be folded into a layer before it (DenseNet: after a concatenation):
+    the per-channel affine map y = a x + b with the ε rule, R_in = x ⊙ a ⊙ R / stab(y)."""
+
+    def __init__(self, name, bn, eps, stabilizer):
+        super().__init__(name, eps, stabilizer)
+        self.bn = bn
+        self.op = type(bn).__name__
+        self._stamp = None
+        self._scale = None
+
+    def scale(self):
+        stamp = canonize.source_version(*canonize.bn_tensors(self.bn))
+        if stamp != self._stamp:
+            self._scale, _ = canonize.affine(self.bn)
+            self._stamp = stamp
+        return self._scale
+
+    def forward(self, env, call):
+        x = env[self.src]
+        bn = self.bn
+        if x.dim() < 2 or x.shape[1] != bn.running_mean.shape[0]:
+            raise RelevanceError(f"LRP: {self.describe()} expects (B, {bn.running_mean.shape[0]}, ...) input, got "
+                                 f"{tuple(x.shape)}")
+        y = F.batch_norm(x, bn.running_mean.detach(), bn.running_var.detach(),
+                         None if bn.weight is None else bn.weight.detach(),
+                         None if bn.bias is None else bn.bias.detach(), False, 0.0, bn.eps)
+        call.saved[self.index] = (x, y)
+        return y
+
+    def relprop(self, msg, call):
+        x, y = call.saved[self.index]
+        s = self._s(msg, call)
+        a = self.scale().to(s.dtype).reshape(1, -1, *([1] * (s.dim() - 2)))
+        # s is a temporary of this step (a fused division's output, or a pooling's scatter)
+        return [(self.src, Msg(LAZY, s.mul_(a), x, True))]
+
+
+_AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_ADAPTIVE = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+def _input_like(x: torch.Tensor, rows: int) -> torch.Tensor:
+    # Input-gradient kernels read only the sizes of the forward input: for K maps per sample an
+    # empty tensor (never written) stands for it.
+    return x if rows == x.shape[0] else x.new_empty((rows, *x.shape[1:]))
+
+
+class AvgPoolStep(_EpsilonStep):
+    """AvgPool1d/2d/3d (module or functional): each input's share of the window mean."""
+
+    def __init__(self, name, dims, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
+                 eps, stabilizer, op):
+        super().__init__(name, eps, stabilizer)
+        self.op = op
+        tup = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
+        self.dims = dims
+        self.kernel_size = tup(kernel_size)
+        self.stride = self.kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) \
+            else tup(stride)
+        self.padding = tup(padding)
+        self.ceil_mode, self.count_include_pad, self.divisor_override = bool(ceil_mode), bool(count_include_pad), \
+            divisor_override
+
+    def forward(self, env, call):
+        x = env[self.src]
+        if self.dims == 1:
+            z = F.avg_pool1d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+        else:
+            z = _AVG[self.dims](x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                self.count_include_pad, self.divisor_override)
+        call.saved[self.index] = (x, z)
+        return z
+
+    def relprop(self, msg, call):
+        x, z = call.saved[self.index]
+        s = self._s(msg, call)
+        like = _input_like(x, s.shape[0])
+        if self.dims == 3:
+            c = torch.ops.aten.avg_pool3d_backward(s, like, self.kernel_size, self.stride, self.padding,
+                                                   self.ceil_mode, self.count_include_pad, self.divisor_override)
+        elif self.dims == 2:
+            c = torch.ops.aten.avg_pool2d_backward(s, like, self.kernel_size, self.stride, self.padding,
+                                                   self.ceil_mode, self.count_include_pad, self.divisor_override)
+        else:
+            c = torch.ops.aten.avg_pool2d_backward(s.unsqueeze(-2), like.unsqueeze(-2), [1, *self.kernel_size],
+                                                   [1, *self.stride], [0, *self.padding], self.ceil_mode,
+                                                   self.count_include_pad, self.divisor_override).squeeze(-2)
+        return [(self.src, Msg(LAZY, c, x, True))]
+
+
+class AdaptiveAvgPoolStep(_EpsilonStep):
+    def __init__(self, name, dims, output_size, eps, stabilizer, op):
+        super().__init__(name, eps, stabilizer)
+        self.dims, self.output_size, self.op = dims, output_size, op
+
+    def forward(self, env, call):
+        x = env[self.src]
+        z = _ADAPTIVE[self.dims](x, self.output_size)
+        call.saved[self.index] = (x, z)
+        return z
+
+    def relprop(self, msg, call):
+        x, z = call.saved[self.index]
+        s = self._s(msg, call)
+        like = _input_like(x, s.shape[0])
+        if self.dims == 3:
+            c = torch.ops.aten._adaptive_avg_pool3d_backward(s, like)
+        elif self.dims == 2:
+            c = torch.ops.aten._adaptive_avg_pool2d_backward(s, like)
+        else:
+            c = torch.ops.aten._adaptive_avg_pool2d_backward(s.unsqueeze(-2), like.unsqueeze(-2)).squeeze(-2)
+        return [(self.src, Msg(LAZY, c, x, True))]
+
+
+class MeanStep(_EpsilonStep):
+    """x.mean(dims) over non-batch dims (global average pooling written by hand)."""
+
+    op = "mean"
+
+    def __init__(self, name, dims, keepdim, eps, stabilizer):
+        super().__init__(name, eps, stabilizer)
+        self.mean_dims, self.keepdim = dims, keepdim
+
+    def forward(self, env, call):
+        x = env[self.src]
+        dims = tuple(d % x.dim() for d in self.mean_dims)
+        if 0 in dims:
+            raise RelevanceError(f"LRP: {self.describe()} averages over the batch dimension")
+        z = x.mean(dims, keepdim=self.keepdim)
+        call.saved[self.index] = (x, z, dims)
+        return z
+
+    def denominator(self, call):
+        return call.saved[self.index][1], self.eps, self.stabilizer
+
+    def relprop(self, msg, call):
+        x, z, dims = call.saved[self.index]
+        s = self._s(msg, call)
+        n = math.prod(x.shape[d] for d in dims)
+        if not self.keepdim:
+            for d in sorted(dims):
+                s = s.unsqueeze(d)
+        c = (s / n).expand(s.shape[0], *x.shape[1:])
+        return [(self.src, Msg(LAZY, c, x, False))]
+
+
+class AddStep(_EpsilonStep):
+    """a + b (residual connections): R_i = a_i ⊙ R / stab(a + b), each summand its share. A
+    constant summand (a parameter, a number) absorbs its share like a bias."""
+
+    op = "add"
+
+    def __init__(self, name, fn, args, kwargs, load, eps, stabilizer):
+        super().__init__(name, eps, stabilizer)
+        self.fn, self.args, self.kwargs, self.load = fn, args, kwargs, load
+
+    def forward(self, env, call):
+        args, kwargs = self.load(env, self.args, self.kwargs)
+        z = self.fn(*args, **kwargs)
+        operands = [env[i] for i in self.inputs]
+        for i, t in zip(self.inputs, operands):
+            if isinstance(t, torch.Tensor) and t.shape != z.shape and call.steps[i].tensor_output \
+                    and not isinstance(call.steps[i], ConstStep):
+                raise RelevanceError(f"LRP: {self.describe()} broadcasts a summand of shape {tuple(t.shape)} to "
+                                     f"{tuple(z.shape)}; only same-shape residual additions are supported")
+        call.saved[self.index] = (operands, z)
+        return z
+
+    def relprop(self, msg, call):
+        operands, z = call.saved[self.index]
+        s = self._s(msg, call)
+        return [(i, Msg(LAZY, s, t, False)) for i, t in zip(self.inputs, operands)]
+
+
+# ============================================================================= max pooling
+
+_MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+class MaxPoolStep(Step):
+    """MaxPool1d/2d/3d: winner-take-all through the forward's own indices. When the pooling sits
+    on a step with a denominator (conv → ReLU → pool → ...), the division of that step is done
+    here, on the pooled (smaller) tensor, and the scatter passes s down (DIVIDED)."""
+
+    fresh_output = True
+    returns_indices = False
+    pool = None  # adaptive max pooling: x -> (out, indices)
+
+    def __init__(self, name, dims, kernel_size, stride, padding, dilation, ceil_mode, returns_indices, op):
+        super().__init__(name)
+        self.dims, self.op = dims, op
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
+        self.padding, self.dilation, self.ceil_mode = padding, dilation, bool(ceil_mode)
+        self.returns_indices = returns_indices
+        self.prediv: Optional[int] = None   # the step whose division this pooling takes over
+        self.prediv_same_tensor = False     # ... and whose output this pooling reads unchanged
+
+    def forward(self, env, call):
+        x = env[self.src]
+        if self.pool is not None:
+            out, idx = self.pool(x)
+        else:
+            out, idx = _MAX[self.dims](x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                       self.ceil_mode, True)
+        # id(x), not x: keeping x alive here would hold a tensor that nothing else needs; the
+        # denominator compared against it below is alive, so the ids cannot collide.
+        call.saved[self.index] = (tuple(x.shape), out, idx)
+        return (out, idx) if self.returns_indices else out
+
+    def relprop(self, msg, call):
+        in_shape, out, idx = call.saved[self.index]
+        if self.prediv is not None and call.fuse_pools and msg.kind != DIVIDED:
+            den = call.denominator(self.prediv)
+            if den is not None:
+                zd, eps, stabilizer = den
+                if self.prediv_same_tensor and zd is call.steps[self.prediv].output_of(call):
+                    # The pooling read that very tensor (directly, or through in-place ReLUs): the
+                    # pooled values are the denominator at the winners, no gather needed.
+                    zg = out
+                else:
+                    zg = zd.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+                s = divide(msg, zg, eps, stabilizer)
+                return [(self.src, Msg(DIVIDED, ops.max_pool_relprop(s, idx, in_shape, where=self.name),
+                                       self.prediv, True))]
+        r = ops.max_pool_relprop(materialize(msg), idx, in_shape, where=self.name)
+        return [(self.src, Msg(DENSE, r, None, True))]
+
+    def zero_preserving(self, plan):
+        return plan.users_zero_preserving(self.index)
+
+
+# ============================================================================= relevance passes unchanged
+
+
+class PassStep(Step):
+    """Elementwise activations (ReLU, ReLU6, LeakyReLU, GELU, SiLU, Tanh, Sigmoid, ...), Dropout,
+    Identity: relevance passes unchanged (LRP's pass rule). A ReLU runs in place on its input when
+    the plan allows it (lrpfast.graph: the input's producer tolerates it and no relevance can
+    arrive where the ReLU outputs 0)."""
+
+    passes_divided = True
+
+    def __init__(self, name, fn, args, kwargs, load, op, zero_at_zero, is_relu=False, identity=False):
+        super().__init__(name)
+        self.fn, self.args, self.kwargs, self.load, self.op = fn, args, kwargs, load, op
+        self.zero_at_zero, self.is_relu, self.identity = zero_at_zero, is_relu, identity
+        self.preserves_values = identity  # output values == input values (identity, contiguous, ...)
+        self.inplace = False
+        self.nonnegative_output = False
+
+    def forward(self, env, call):
+        if self.identity:
+            return env[self.src]
+        if self.is_relu:
+            x = env[self.src]
+            return torch.relu_(x) if self.inplace else torch.relu(x)
+        args, kwargs = self.load(env, self.args, self.kwargs)
+        return self.fn(*args, **kwargs)
+
+    def relprop(self, msg, call):
+        return [(self.src, msg)]
+
+    def zero_preserving(self, plan):
+        return (self.identity or self.zero_at_zero) and plan.users_zero_preserving(self.index)
+
+
+class ReshapeStep(Step):
+    """view / reshape / flatten / unflatten / squeeze / unsqueeze / contiguous / nn.Flatten: the
+    relevance takes the input's shape back (the batch dimension must be kept)."""
+
+    def __init__(self, name, fn, args, kwargs, load, op):
+        super().__init__(name)
+        self.fn, self.args, self.kwargs, self.load, self.op = fn, args, kwargs, load, op
+
+    def forward(self, env, call):
+        x = env[self.src]
+        args, kwargs = self.load(env, self.args, self.kwargs)
+        y = self.fn(*args, **kwargs)
+        if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
+            raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
+                                 f"{tuple(getattr(y, 'shape', ()))}: it must keep the batch dimension first")
+        call.saved[self.index] = x
+        return y
+
+    def relprop(self, msg, call):
+        x = call.saved[self.index]
+        shape = x.shape[1:]
+        if msg.kind == LAZY:
+            return [(self.src, Msg(LAZY, msg.a.reshape(msg.a.shape[0], *shape), x, msg.owned))]
+        r = materialize(msg)
+        return [(self.src, Msg(DENSE, r.reshape(r.shape[0], *shape), None, msg.owned or msg.kind != DENSE))]
+
+    def zero_preserving(self, plan):
+        return plan.users_zero_preserving(self.index)
+
+
+class PermuteStep(Step):
+    """permute / transpose that keep the batch dimension first: relevance permuted back."""
+
+    def __init__(self, name, fn, args, kwargs, load, op, perm_of):
+        super().__init__(name)
+        self.fn, self.args, self.kwargs, self.load, self.op = fn, args, kwargs, load, op
+        self.perm_of = perm_of  # (ndim, args, kwargs) -> permutation
+
+    def forward(self, env, call):
+        x = env[self.src]
+        args, kwargs = self.load(env, self.args, self.kwargs)
+        perm = self.perm_of(x.dim(), args, kwargs)
+        if perm[0] != 0:
+            raise RelevanceError(f"LRP: {self.describe()} moves the batch dimension (permutation {perm})")
+        inverse = [0] * len(perm)
+        for i, p in enumerate(perm):
+            inverse[p] = i
+        call.saved[self.index] = (x, inverse)
+        return x.permute(perm)
+
+    def relprop(self, msg, call):
+        x, inverse = call.saved[self.index]
+        if msg.kind == LAZY:
+            return [(self.src, Msg(LAZY, msg.a.permute(inverse), x, msg.owned))]
+        r = materialize(msg)
+        return [(self.src, Msg(DENSE, r.permute(inverse), None, msg.owned or msg.kind != DENSE))]
+
+    def zero_preserving(self, plan):
+        return plan.users_zero_preserving(self.index)
+
+
+class CatStep(Step):
+    """torch.cat along a non-batch dimension: each input gets its slice of the relevance."""
+
+    op = "cat"
+    fresh_output = True
+
+    def __init__(self, name, dim, load_list):
+        super().__init__(name)
+        self.dim, self.load_list = dim, load_list
+
+    def forward(self, env, call):
+        xs = self.load_list(env)
+        d = self.dim % xs[0].dim()
+        if d == 0:
+            raise RelevanceError(f"LRP: {self.describe()} concatenates along the batch dimension")
+        y = torch.cat(xs, d)
+        call.saved[self.index] = (xs, d)
+        return y
+
+    def relprop(self, msg, call):
+        xs, d = call.saved[self.index]
+        src = msg.a if msg.kind == LAZY else materialize(msg)
+        owned = msg.owned or msg.kind != DENSE
+        out, start = [], 0
+        for i, x in zip(self.inputs, xs):
+            part = src.narrow(d, start, x.shape[d])
+            start += x.shape[d]
+            out.append((i, Msg(LAZY, part, x, owned) if msg.kind == LAZY else Msg(DENSE, part, None, owned)))
+        return out
+
+    def zero_preserving(self, plan):
+        return plan.users_zero_preserving(self.index)
+
+
+class GetItemStep(Step):
+    """(output, indices)[0] of a max pooling with return_indices=True."""
+
+    op = "getitem"
+    passes_divided = True
+
+    def __init__(self, name, item):
+        super().__init__(name)
+        self.item = item
+        self.tensor_output = True
+
+    def forward(self, env, call):
+        return env[self.src][self.item]
+
+    def relprop(self, msg, call):
+        return [(self.src, msg)] if self.item == 0 else []
+
+    def zero_preserving(self, plan):
+        return self.item != 0 or plan.users_zero_preserving(self.index)
+
+
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)

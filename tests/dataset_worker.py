@@ -1,0 +1,44 @@
+"""Helper for tests/test_dataset.py (not a test module): the toy model and data shared by the
+test process and the ranks that `python -m torch.distributed.run` starts.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dataset_worker.py OUT_DIR DEVICE
+
+DEVICE is "cpu" (gloo) or "cuda" (NCCL, one GPU per rank). The ranks require the process group
+(distributed=True), so a single rank on CUDA still goes through NCCL.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+
+N_SAMPLES, SHARD_SIZE, BATCH_SIZE = 45, 8, 3
+
+
+def toy_model() -> nn.Module:
+    g = torch.Generator().manual_seed(1234)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def toy_inputs() -> torch.Tensor:
+    g = torch.Generator().manual_seed(99)
+    return torch.rand(N_SAMPLES, 1, 10, 10, generator=g)
+
+
+def main(out_dir: str, device: str) -> None:
+    torch.set_num_threads(1)
+    from lrpfast.dataset import explain_dataset
+
+    summary = explain_dataset(toy_model(), toy_inputs(), out_dir, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE,
+                              device=device, progress=False, distributed=True)
+    print(f"rank {summary['rank']}/{summary['world_size']} wrote shards {summary['shards_written']} "
+          f"(backend {summary['backend']})", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

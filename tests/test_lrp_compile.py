@@ -1,0 +1,66 @@
+"""torch.compile of the whole relevance call on a Sequential model: one graph, no breaks, the
+custom ops inside it (traced through their fake kernels), the same result as eager."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrpfast
+from lrpfast.models import seed_mnist_cnn
+
+from .test_lrp_models import rel_err
+
+dynamo = pytest.importorskip("torch._dynamo")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    dynamo.reset()
+    yield
+    dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", ["notebook", "conv3x2"])
+def test_no_graph_breaks(variant):
+    lrp = lrpfast.LRP(seed_mnist_cnn(variant).eval())
+    x = torch.randn(4, 1, 28, 28)
+    t = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+    for fn in (lambda x: lrp(x), lambda x: lrp(x, t), lambda x: lrp.explain(x).conservation["output"]):
+        report = dynamo.explain(fn)(x)
+        assert report.graph_break_count == 0, [b.reason for b in report.break_reasons]
+        assert report.graph_count == 1
+
+
+def test_fullgraph_has_the_custom_ops_and_matches_eager():
+    lrp = lrpfast.LRP(seed_mnist_cnn("notebook").eval())
+    x = torch.randn(4, 1, 28, 28)
+    t = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+    seen = []
+
+    def capture(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(lambda x: lrp(x, t), fullgraph=True, backend=capture)
+    assert rel_err(compiled(x), lrp(x, t)) < 1e-6
+    if lrpfast.HAS_EXT:
+        ops = {s for s in seen if s.startswith("lrpfast.")}
+        assert {"lrpfast.mul_stab_div", "lrpfast.max_pool_relprop", "lrpfast.stab_div", "lrpfast.mul_input"} <= ops
+
+
+def test_aot_eager_traces_through_the_fake_kernels():
+    lrp = lrpfast.LRP(seed_mnist_cnn("conv3x2").eval())
+    x = torch.randn(3, 1, 28, 28)
+    compiled = torch.compile(lambda x: lrp(x), fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(x), lrp(x)) < 1e-6
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_whole_call():
+    """The real compiler (about a minute on 2 busy cores): C++ codegen around the custom ops."""
+    lrp = lrpfast.LRP(seed_mnist_cnn("notebook").eval())
+    x = torch.randn(4, 1, 28, 28)
+    t = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+    compiled = torch.compile(lambda x: lrp(x, t), fullgraph=True)
+    assert rel_err(compiled(x), lrp(x, t)) < 1e-5
+    assert rel_err(compiled(2 * x), lrp(2 * x, t)) < 1e-5    # a second call reuses the graph
