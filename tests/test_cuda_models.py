@@ -42,8 +42,10 @@ def test_model_map_matches_cpu_float64(name, device, dtype):
     assert torch.isfinite(got).all()
     err = _rel(got, ref)
     if dtype == torch.float32:
-        # TF32 convolutions (cuDNN's default) land near 1e-3; CPU float32 near 1e-5.
-        assert err < (5e-3 if device == "cuda" else 1e-4), err
+        # Random deep networks amplify float32 rounding where ε-stabilised denominators are
+        # small: measured 2.4e-4 (vgg16) and 0.9-1.7e-4 (resnet50) on the CPU at 64x64.
+        # (tests/conftest.py turns TF32 off, so CUDA float32 is true float32 too.)
+        assert err < 1e-3, err
     else:
         # bfloat16: within 2x the error the plain input gradient makes in bfloat16 on this network.
         grad_err = _rel(_floor(model, x.to(device, dtype), t.to(device)), ref_grad)
