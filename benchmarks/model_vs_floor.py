@@ -2,8 +2,8 @@
 
 The floor: x.requires_grad_(); logits = model(x); torch.autograd.grad(logits.gather(1, t).sum(), x)
 (one forward with autograd + the input gradient only). Every round times each contender once, in
-turn (interleaved, so that load from other processes hits all of them alike); the table shows
-medians and the ratio to the floor of the same round set.
+turn (interleaved, in alternating order, so that load from other processes hits all of them
+alike); the table shows medians and the ratio to the floor of the same round set.
 
     python benchmarks/model_vs_floor.py                       # all cases of issue 3
     python benchmarks/model_vs_floor.py --cases seed64 k10 --rounds 15
@@ -79,8 +79,10 @@ def measure(fns, x, rounds, warmup=2):
     for _ in range(warmup):
         for f in fns.values():
             f(x)
-    for _ in range(rounds):
-        for k, f in fns.items():
+    items = list(fns.items())
+    for r in range(rounds):
+        # alternate the order (ABBA...), so that neither contender always runs right after the other
+        for k, f in (items if r % 2 == 0 else items[::-1]):
             t0 = time.perf_counter()
             f(x)
             times[k].append(time.perf_counter() - t0)

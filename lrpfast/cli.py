@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         try:
             importlib.import_module(module).add_arguments(p)
-        except ImportError as exc:  # a missing optional dependency must not break the other commands
+        except (ImportError, AttributeError) as exc:  # one broken subcommand must not break the others
             p.set_defaults(_import_error=str(exc))
     return parser
 

@@ -85,7 +85,11 @@ def transpose(ctx, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     spatial = list(ctx.x.shape[2:]) if symmetric else [n + a + b for n, a, b in zip(ctx.x.shape[2:], lo, hi)]
     # The input-gradient kernels read only the sizes (and layout) of the forward input: an
     # empty tensor (never written) stands for it, for any number of maps per sample.
-    like = s.new_empty((s.shape[0], w.shape[1] * groups, *spatial))
+    shape = (s.shape[0], w.shape[1] * groups, *spatial)
+    # When x itself has that shape (one map per sample, unpaired), pass x, like autograd does: a
+    # fresh input-sized allocation per layer perturbs the CPU heap into page faults (the seed
+    # CNN's second conv: 11.6 ms -> 13.8 ms per input-gradient at batch 64).
+    like = ctx.x if tuple(ctx.x.shape) == shape else s.new_empty(shape)
     c = torch.ops.aten.convolution_backward(
         s, like, w, None, list(stride), lo if symmetric else [0] * dims, list(dilation), False, [0] * dims, groups,
         [True, False, False])[0]

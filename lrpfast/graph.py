@@ -627,8 +627,11 @@ def relevance(plan: Plan, call: N.Call, r0: torch.Tensor, record: Optional[Calla
             result = N.materialize(N.combine(msgs))
             continue
         step = steps[i]
-        outs = step.relprop(N.combine(msgs), call)
-        call.saved[i] = None
+        msg, msgs = N.combine(msgs), None
+        outs = step.relprop(msg, call)
+        msg = None
+        call.saved[i] = None     # this step's x, z, indices: free them now
+        call.dens.pop(i, None)
         if record is not None:
             record(step, outs)
         for j, m in outs:
@@ -637,4 +640,5 @@ def relevance(plan: Plan, call: N.Call, r0: torch.Tensor, record: Optional[Calla
                     incoming[j] = [m]
                 else:
                     incoming[j].append(m)
+        outs = m = None  # hold nothing beyond the messages waiting in `incoming`
     return result

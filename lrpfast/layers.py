@@ -21,6 +21,23 @@ from . import ops
 from .ops import DEFAULT_EPS, RelevanceError
 
 
+# NaN/Inf are reported where they enter, not propagated in silence. A full isfinite() pass per
+# layer cost a third of a relevance chain, so: a sum (one read; NaN and Inf survive it) checks
+# what comes from outside, and tensors these layers produce from checked ones are marked (with
+# their version counter, so an in-place change by the user is checked again).
+def _mark_finite(t: torch.Tensor) -> torch.Tensor:
+    t._lrpfast_finite = t._version
+    return t
+
+
+def _check_finite(where: str, name: str, t: torch.Tensor) -> None:
+    if getattr(t, "_lrpfast_finite", None) == t._version or not t.is_floating_point() or t.numel() == 0:
+        return
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    if not torch.isfinite(total) and not torch.isfinite(t).all():  # a finite sum can overflow: confirm
+        raise RelevanceError(f"{where}: {name} contains NaN or Inf")
+
+
 class _RelLayer(nn.Module):
     """Shared machinery: the wrapped module, ε and stabiliser, the forward cache."""
 
@@ -50,8 +67,19 @@ class _RelLayer(nn.Module):
         return self.module.bias
 
     def _cache(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        _check_finite(f"{type(self).__name__}.forward", "the input", x)
         self.input, self.output = x.detach(), z.detach()
         self._versions = (x._version, z._version)
+        _mark_finite(z)
+
+    @torch.no_grad()
+    def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
+        """Relevance at this layer's input from the relevance r at its output. r may hold K maps
+        per sample (K*B rows, sample-major); the result has as many rows."""
+        return _mark_finite(self._relprop(r, use_rho))
+
+    def _relprop(self, r: torch.Tensor, use_rho: bool) -> torch.Tensor:
+        raise NotImplementedError
 
     def _cached(self, r: torch.Tensor):
         name = type(self).__name__
@@ -69,8 +97,7 @@ class _RelLayer(nn.Module):
                 f"{name}.relprop: r is {r.dtype} on {r.device}, expected {self.input.dtype} on "
                 f"{self.input.device} like the forward input"
             )
-        if not torch.isfinite(r).all():
-            raise RelevanceError(f"{name}.relprop: r contains NaN or Inf")
+        _check_finite(f"{name}.relprop", "r", r)
         return self.input, self.output
 
     def extra_repr(self) -> str:
@@ -95,8 +122,7 @@ class relLinear(_RelLayer):
         self._cache(x, z)
         return z
 
-    @torch.no_grad()
-    def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
+    def _relprop(self, r: torch.Tensor, use_rho: bool) -> torch.Tensor:
         x, z = self._cached(r)
         w = self.module.weight.detach()
         if use_rho:
@@ -119,8 +145,7 @@ class _relConv(_RelLayer):
         self._cache(x, z)
         return z
 
-    @torch.no_grad()
-    def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
+    def _relprop(self, r: torch.Tensor, use_rho: bool) -> torch.Tensor:
         x, z = self._cached(r)
         m = self.module
         where = f"{type(self).__name__}.relprop"
@@ -170,8 +195,7 @@ class _relMaxPool(_RelLayer):
         self.indices = idx
         return (z, idx) if m.return_indices else z
 
-    @torch.no_grad()
-    def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
+    def _relprop(self, r: torch.Tensor, use_rho: bool) -> torch.Tensor:
         x, _ = self._cached(r)
         return ops.max_pool_relprop(r, self.indices, x.shape, where=f"{type(self).__name__}.relprop")
 
@@ -201,8 +225,7 @@ class relAvgPool2d(_RelLayer):
         self._cache(x, z)
         return z
 
-    @torch.no_grad()
-    def relprop(self, r, use_rho: bool = False):
+    def _relprop(self, r, use_rho: bool):
         x, z = self._cached(r)
         m = self.module
         return ops.avg_pool_relprop(r, x, z, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
@@ -220,8 +243,7 @@ class relAdaptiveAvgPool2d(_RelLayer):
         self._cache(x, z)
         return z
 
-    @torch.no_grad()
-    def relprop(self, r, use_rho: bool = False):
+    def _relprop(self, r, use_rho: bool):
         x, z = self._cached(r)
         return ops.adaptive_avg_pool_relprop(r, x, z, self.eps, self.stabilizer, where="relAdaptiveAvgPool.relprop")
 
@@ -240,7 +262,7 @@ class relReLU(_RelLayer):
         self._cache(x, z)
         return z
 
-    def relprop(self, r, use_rho: bool = False):
+    def _relprop(self, r, use_rho: bool):
         x, _ = self._cached(r)
         if r.shape[1:] != x.shape[1:]:
             raise RelevanceError(f"relReLU.relprop: r has shape {tuple(r.shape)}, expected (K*B, {tuple(x.shape[1:])})")
@@ -260,7 +282,7 @@ class Reshape(_RelLayer):
         self._cache(x, z)
         return z
 
-    def relprop(self, r, use_rho: bool = False):
+    def _relprop(self, r, use_rho: bool):
         x, z = self._cached(r)
         if r.shape[1:] != z.shape[1:]:
             raise RelevanceError(f"Reshape.relprop: r has shape {tuple(r.shape)}, expected (K*B, {tuple(z.shape[1:])})")

@@ -34,7 +34,8 @@ class Explanation:
     logits        the model output (B, classes)
     targets       the explained classes: (B,) or (B, K)
     layers        node name -> relevance at that node's input (a tuple for add/cat nodes), or
-                  None unless keep_layers=True
+                  None unless keep_layers=True. A BatchNorm folded into the Linear/Conv before it
+                  has no entry of its own (that layer's entry covers both).
     conservation  node name -> Σ R per sample, (B,) or (B, K): at each node's input, plus
                   "output" (the initial relevance) and the input's node name. Biases and
                   stabilisers absorb some relevance: a drop between two nodes shows where.

@@ -116,7 +116,6 @@ class Step:
     tensor_output = True        # False for shape arithmetic (x.size(0))
     fresh_output = False        # the forward allocates its output (a ReLU may rectify it in place)
     has_denominator = False     # its relevance step starts with s = R / stab(z')
-    passes_divided = False      # relevance passes unchanged, a DIVIDED message included
 
     def __init__(self, name: str):
         self.name = name
@@ -551,9 +550,7 @@ class PassStep(Step):
     """Elementwise activations (ReLU, ReLU6, LeakyReLU, GELU, SiLU, Tanh, Sigmoid, ...), Dropout,
     Identity: relevance passes unchanged (LRP's pass rule). A ReLU runs in place on its input when
     the plan allows it (lrpfast.graph: the input's producer tolerates it and no relevance can
-    arrive where the ReLU outputs 0)."""
-
-    passes_divided = True
+    arrive where the ReLU outputs 0). Passes a DIVIDED message too (max pooling above a layer)."""
 
     def __init__(self, name, fn, args, kwargs, load, op, zero_at_zero, is_relu=False, identity=False):
         super().__init__(name)
@@ -678,7 +675,6 @@ class GetItemStep(Step):
     """(output, indices)[0] of a max pooling with return_indices=True."""
 
     op = "getitem"
-    passes_divided = True
 
     def __init__(self, name, item):
         super().__init__(name)

@@ -81,8 +81,9 @@ def test_cli_smoke_writes_every_field(tmp_path, capsys):
 def test_cli_kernel_mode(tmp_path):
     out = tmp_path / "k.json"
     assert cli_main(["bench", "--kernels", "--kernel-mib", "1", "--repeats", "1", "--warmup", "0", "--no-progress",
-                     "--json", str(out)]) == 0
-    k = json.loads(out.read_text())["kernels"]
+                     "--dtype", "float32,bfloat16", "--json", str(out)]) == 0
+    k, k_bf16 = json.loads(out.read_text())["kernels"]
+    assert (k["dtype"], k_bf16["dtype"]) == ("float32", "bfloat16")
     ops_seen = {(r["op"], r["impl"]) for r in k["results"]}
     impls = (["extension"] if lrpfast.HAS_EXT else []) + ["fallback"]
     for op in ("stab_div", "mul_input", "mul_stab_div", "max_pool_relprop"):

@@ -345,3 +345,30 @@ def test_padding_mode_not_zeros(mode):
     layer = relConv2d(nn.Conv2d(1, 2, 3, padding=1, padding_mode=mode))
     with pytest.raises(RelevanceError, match=rf"relConv2d: padding_mode='{mode}' is not supported; expected 'zeros'"):
         layer(torch.randn(1, 1, 5, 5))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_input_is_reported_at_forward(bad):
+    layer = relConv2d(nn.Conv2d(1, 2, 3))
+    x = torch.rand(2, 1, 6, 6)
+    x[1, 0, 3, 3] = bad
+    with pytest.raises(RelevanceError, match=r"relConv2d.forward: the input contains NaN or Inf"):
+        layer(x)
+
+
+def test_relevance_from_a_layer_is_checked_again_after_an_in_place_change():
+    lin, relu = relLinear(nn.Linear(4, 3)), relReLU()
+    out = relu(lin(torch.rand(2, 4)))
+    r = relu.relprop(out)  # produced (and marked finite) by a layer
+    assert torch.isfinite(lin.relprop(r)).all()
+    r[0, 0] = float("nan")  # the user edits it in place: the mark no longer holds
+    with pytest.raises(RelevanceError, match=r"relLinear.relprop: r contains NaN or Inf"):
+        lin.relprop(r)
+
+
+def test_large_finite_relevance_is_not_mistaken_for_overflow():
+    # the cheap check sums r; a float32 sum that overflows must not raise for finite values
+    layer = relLinear(nn.Linear(3, 2))
+    layer(torch.rand(4, 3))
+    r = torch.full((4, 2), 3e38)
+    assert layer.relprop(r).shape == (4, 3)

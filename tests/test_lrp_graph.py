@@ -314,3 +314,28 @@ def test_relu_not_in_place_when_relevance_may_arrive_at_zeros():
     # what the check prevents: rectifying the first conv's z changes the map
     steps["_1"].inplace = True
     assert rel_err(lrp(x), got) > 1e-3
+
+
+@pytest.mark.parametrize("factory", ["seed", "everything"])
+def test_layer_outputs_are_freed_as_soon_as_their_step_has_run(factory):
+    import weakref
+
+    from lrpfast import graph
+
+    model = seed_mnist_cnn("conv3x2").eval() if factory == "seed" else everything(torch.float32)
+    x = torch.randn(3, 1, 28, 28) if factory == "seed" else 0.1 * torch.randn(3, 3, 16, 16)
+    lrp = lrpfast.LRP(model)
+    call = graph.forward(lrp.plan, x)
+    outputs = {i: weakref.ref(call.saved[i].z) for i, s in enumerate(lrp.plan.steps)
+               if isinstance(s, lrpfast.nodes.ContractionStep)}
+    logits = call.logits
+    r0 = torch.zeros_like(logits).scatter_(1, logits.argmax(1, keepdim=True), 1.0)
+    del logits
+    call.logits = None
+    alive_after = {}
+
+    def record(step, outs):
+        alive_after[step.index] = [i for i, ref in outputs.items() if i >= step.index and ref() is not None]
+
+    graph.relevance(lrp.plan, call, r0, record)
+    assert alive_after and all(not alive for alive in alive_after.values()), alive_after

@@ -172,3 +172,29 @@ def test_composite_by_name_assigns_rules_per_layer():
     zero_biases(model)
     e = lrpfast.LRP(model.double(), composite="epsilon_plus", eps=1e-12, rule_eps=1e-12).explain(x.double())
     assert torch.allclose(e.relevance.flatten(1).sum(1), e.conservation["output"], rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_error_is_that_of_the_gradient(dtype):
+    """Half types run end to end (fused ops accumulate in float32); the map's error against float64
+    is at most about the plain input gradient's error in the same dtype (the precision itself)."""
+    model = seed_mnist_cnn("notebook").eval()
+    x = torch.rand(4, 1, 28, 28)
+    t = torch.tensor([1, 2, 3, 4])
+    ref = lrpfast.LRP(copy_to(model, torch.float64))(x.double(), t)
+    half = copy_to(model, dtype)
+    got = lrpfast.LRP(half)(x.to(dtype), t)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    g64 = gradient_times_input(copy_to(model, torch.float64), x.double(), t)
+    g = gradient_times_input(half, x.to(dtype), t).double()
+
+    def l2(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert l2(got, ref) <= 2 * l2(g, g64) + 1e-3
+
+
+def copy_to(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)

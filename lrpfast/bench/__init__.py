@@ -50,39 +50,40 @@ def _ints(text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     g = p.add_argument_group("what to run")
-    g.add_argument("--models", type=_list("models", tuple(MODELS)), default=DEFAULT_MODELS.split(","),
-                   help=f"comma list of {', '.join(MODELS)}")
+    g.add_argument("--models", type=_list("models", tuple(MODELS)), default=DEFAULT_MODELS,
+                   help=f"comma list of {', '.join(MODELS)} (default: %(default)s)")
     g.add_argument("--batch-sizes", type=_ints, default=None,
                    help="comma list; default per model: " + ", ".join(f"{k} {','.join(map(str, v[2]))}" for k, v in MODELS.items()))
-    g.add_argument("--rules", "--composites", dest="composites", type=_list("rules", COMPOSITES), default=["epsilon"],
-                   help="comma list of composites (zennit's names); 'epsilon' = ε everywhere")
-    g.add_argument("--impls", type=_list("implementations", IMPLEMENTATIONS), default=DEFAULT_IMPLS.split(","),
-                   help=f"comma list of {', '.join(IMPLEMENTATIONS)}")
-    g.add_argument("--dtype", type=_list("dtypes", DTYPES), default=["float32"], help="comma list of " + ", ".join(DTYPES))
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--rules", "--composites", dest="composites", type=_list("rules", COMPOSITES), default="epsilon",
+                   help=f"comma list of {', '.join(COMPOSITES)} (zennit's names; 'epsilon' = ε everywhere; "
+                        "default: %(default)s)")
+    g.add_argument("--impls", type=_list("implementations", IMPLEMENTATIONS), default=DEFAULT_IMPLS,
+                   help=f"comma list of {', '.join(IMPLEMENTATIONS)} (default: %(default)s)")
+    g.add_argument("--dtype", type=_list("dtypes", DTYPES), default="float32",
+                   help="comma list of " + ", ".join(DTYPES) + " (default: %(default)s)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--quick", action="store_true",
                    help="a dry run in seconds: mnist-notebook at batch 4 (kernels: 4 MiB), 1 repeat")
     g = p.add_argument_group("rule")
-    g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--eps", type=float, default=1e-6, help="ε of the rules (default: %(default)s)")
     g.add_argument("--stabilizer", choices=("sign", "plus"), default="sign",
-                   help="'plus' is the seed's z+eps (seed-parity mode)")
+                   help="z + eps·sign(z) (default), or the seed's z + eps (seed-parity mode)")
     g.add_argument("--init", choices=("logit", "onehot"), default="logit",
-                   help="initial relevance at the target: the logit (the seed's) or 1 (zennit's)")
-    g.add_argument("--low", type=float, default=-3.0, help="epsilon_gamma_box: lowest input value")
-    g.add_argument("--high", type=float, default=3.0, help="epsilon_gamma_box: highest input value")
-    g.add_argument("--gamma", type=float, default=0.25, help="epsilon_gamma_box: γ")
+                   help="initial relevance at the target: the logit (the seed's, default) or 1 (zennit's)")
+    g.add_argument("--low", type=float, default=-3.0, help="epsilon_gamma_box: lowest input value (default: %(default)s)")
+    g.add_argument("--high", type=float, default=3.0, help="epsilon_gamma_box: highest input value (default: %(default)s)")
+    g.add_argument("--gamma", type=float, default=0.25, help="epsilon_gamma_box: γ (default: %(default)s)")
     g = p.add_argument_group("timing")
-    g.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (after the warm-up)")
-    g.add_argument("--warmup", type=int, default=1, help="untimed calls per implementation first")
+    g.add_argument("--repeats", type=int, default=5, help="timed calls per implementation, after the warm-up (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed calls per implementation first (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     g = p.add_argument_group("kernel mode")
     g.add_argument("--kernels", action="store_true", help="bandwidth of the fused elementwise ops vs a device copy")
-    g.add_argument("--kernel-mib", type=float, default=256.0, help="size of each tensor in MiB (>= 256 for the real figure)")
+    g.add_argument("--kernel-mib", type=float, default=256.0, help="size of each tensor in MiB; >= 256 for the real figure (default: %(default)s)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="bench_out", help="folder for the JSON and the plot")
+    g.add_argument("--out", default="bench_out", help="folder for the JSON and the plot (default: %(default)s)")
     g.add_argument("--json", default=None, help="JSON path (default: OUT/bench-<time>.json)")
     g.add_argument("--plot", default=None, help="PNG path (default: beside the JSON)")
     g.add_argument("--no-plot", action="store_true")
@@ -118,15 +119,19 @@ def run(args: argparse.Namespace) -> int:
         if args.kernels:
             from .kernels import run_kernels
 
-            dtype = getattr(torch, args.dtype[0])
-            progress.set_description(f"kernels {args.dtype[0]}")
-            k = run_kernels(args.kernel_mib, dtype, device, args.warmup, args.repeats, args.eps, progress)
+            results = []
+            for dtype_name in args.dtype:
+                progress.set_description(f"kernels {dtype_name}")
+                k = run_kernels(args.kernel_mib, getattr(torch, dtype_name), device, args.warmup, args.repeats,
+                                args.eps, progress)
+                results.append(k)
+                progress.write(format_kernels(k))
+                if k["tensor_mib"] < 256:
+                    progress.write(f"note: tensors of {k['tensor_mib']:.0f} MiB (< 256 MiB): a dry run, not the "
+                                   "bandwidth figure")
             progress.close()
-            print(format_kernels(k))
-            if k["tensor_mib"] < 256:
-                print(f"note: tensors of {k['tensor_mib']:.0f} MiB (< 256 MiB): a dry run, not the bandwidth figure")
             write_json(json_path, {"tool": "lrpfast bench --kernels", "machine": machine, "settings": settings,
-                                   "kernels": k})
+                                   "kernels": results})
             print(f"JSON: {json_path}")
             return 0
         return _run_models(args, device, machine, settings, json_path, progress, describe, format_config,

@@ -5,6 +5,11 @@ Bandwidth = the bytes the op must move at least (each input read once, the outpu
 once) / median time. A copy moves 2 bytes per byte copied; an op at 100% of the copy's bandwidth
 runs at the memory's speed. Tensors default to 256 MiB each (the relevance tensor's size), big
 enough to defeat every cache; --kernel-mib shrinks them for a dry run.
+
+The ops return new tensors, the copy writes into a preallocated one. On a GPU the caching
+allocator makes that difference vanish; on a CPU with glibc, a large output is fresh memory on
+every call and its page faults count in the op's time (DESIGN.md §2, "on CPU, memory"), so CPU
+percentages understate the kernels. The figure that matters is the GPU's.
 """
 from __future__ import annotations
 

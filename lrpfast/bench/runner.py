@@ -4,7 +4,7 @@ JSON-ready dict."""
 from __future__ import annotations
 
 import gc
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 

@@ -24,7 +24,7 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
 MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...], List[int], str]] = {
     "mnist-conv3x2": (lambda: seed_mnist_cnn("conv3x2"), (1, 28, 28), [64, 256], "uniform[-1,1]"),
     "mnist-notebook": (lambda: seed_mnist_cnn("notebook"), (1, 28, 28), [64, 256], "uniform[-1,1]"),
-    "vgg16": (_torchvision("vgg16"), (3, 224, 224), [8], "normal"),
+    "vgg16": (_torchvision("vgg16"), (3, 224, 224), [4], "normal"),
     "resnet50": (_torchvision("resnet50"), (3, 224, 224), [4], "normal"),
 }
 
