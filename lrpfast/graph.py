@@ -587,8 +587,9 @@ def _finish(plan: Plan, rule_for: Callable) -> None:
 # ============================================================================= the passes
 
 
-def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True) -> N.Call:
-    """Run the model's forward step by step; returns the call state (logits in call.logits)."""
+def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optional[list] = None) -> N.Call:
+    """Run the model's forward step by step; returns the call state (logits in call.logits).
+    `sizes` (a list) receives the bytes of every step's output tensors."""
     steps = plan.steps
     call = N.Call(steps, fuse_pools)
     env: list = [None] * len(steps)
@@ -605,6 +606,10 @@ def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True) -> N.Call:
                 shapes = [tuple(env[j].shape) for j in s.deps if isinstance(env[j], torch.Tensor)]
                 raise RelevanceError(f"LRP: {s.describe()} failed on input(s) of shape "
                                      f"{', '.join(map(str, shapes)) or '()'}: {exc}") from exc
+        if sizes is not None and i != plan.input and not isinstance(s, N.ConstStep):
+            v = env[i]
+            sizes.extend(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,))
+                         if isinstance(t, torch.Tensor))
         for j in free_after[i]:
             env[j] = None
     call.logits = env[plan.output]

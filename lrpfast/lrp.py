@@ -201,33 +201,67 @@ class LRP:
             raise RelevanceError(f"LRP: x is {x.dtype} on {x.device}, but the model's parameters are {ref.dtype} on "
                                  f"{ref.device}; move one to the other")
 
-    def _chunk(self, x, k: int) -> int:
-        b = x.shape[0]
-        if self.batch_size is not None:
-            return min(b, self.batch_size)
-        if self.memory_budget is None:
-            return b
-        key = (tuple(x.shape[1:]), x.dtype, x.device, k)
-        if key not in self._per_sample:
-            self._per_sample[key] = self._estimate_bytes(x[:1], k)
-        return max(1, min(b, self.memory_budget // max(1, self._per_sample[key])))
+    # ------------------------------------------------------------------------- scheduling
+    # On CPU, a tensor the allocator hands out from fresh pages costs about as much again as the
+    # arithmetic on it (page faults; DESIGN.md §2), and glibc returns every block of 32 MiB or
+    # more to the OS when it is freed. So, on CPU, the pass keeps its tensors below HEAP_TENSOR
+    # bytes where that is cheap: it runs the relevance pass over a few targets at a time (all of
+    # them share the one forward), and splits a large batch into chunks when the memory this saves
+    # outweighs reading the weights once more per chunk. Other devices run one pass.
+    HEAP_TENSOR = 10 << 20
 
-    def _estimate_bytes(self, x1, k: int) -> int:
-        """Bytes one sample needs: every forward output (an upper bound of what is kept), plus a
-        few relevance tensors of the largest layer for each of the K maps."""
-        sizes = []
-        plan = self.plan
-        call = N.Call(plan.steps, True)
-        env = [None] * len(plan.steps)
-        env[plan.input] = x1
-        for s in plan.steps:
-            if s.index != plan.input:
-                env[s.index] = s.forward(env, call)
-                v = env[s.index]
-                for t in (v if isinstance(v, tuple) else (v,)):
-                    if isinstance(t, torch.Tensor) and not isinstance(s, N.ConstStep):
-                        sizes.append(t.numel() * t.element_size())
-        return sum(sizes) + 3 * k * max(sizes, default=0)
+    def _profile(self, x):
+        """(Σ bytes of all step outputs, bytes of the largest one) for one sample, and the bytes
+        of the weights: from a forward on shapes only (FakeTensorMode), once per input shape."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._per_sample:
+            sizes = []
+            for s in self.plan.steps:  # refresh folded weights with real tensors, not fake ones
+                if isinstance(s, N.ContractionStep):
+                    s.params()
+            x1 = x[:1]
+            try:
+                from torch._subclasses.fake_tensor import FakeTensorMode
+
+                with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                    graph.forward(self.plan, mode.from_tensor(x1), sizes=sizes)
+            except Exception:  # noqa: BLE001 (an op without a fake kernel: measure for real)
+                sizes = []
+                try:
+                    with torch.no_grad():
+                        graph.forward(self.plan, x1, sizes=sizes)
+                except Exception:  # noqa: BLE001 (bad input: the call itself reports it, with x's shape)
+                    return None
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self._per_sample[key] = (sum(sizes), max(sizes, default=0), weights)
+        return self._per_sample[key]
+
+    def _schedule(self, x, k: int):
+        """(samples per chunk, targets per relevance pass)."""
+        b = x.shape[0]
+        fixed = b if self.batch_size is None else min(b, self.batch_size)
+        cpu = x.device.type == "cpu"
+        if torch.compiler.is_compiling() or not (cpu or self.memory_budget is not None):
+            return fixed, k
+        profile = self._profile(x)
+        if profile is None:  # the input does not fit the model: the call will say so
+            return fixed, k
+        total, largest, weights = profile
+        chunk = fixed
+        if self.batch_size is None and self.memory_budget is not None:
+            per_sample = total + 3 * k * largest  # outputs kept, plus a few relevance maps per target
+            chunk = max(1, min(b, self.memory_budget // max(1, per_sample)))
+        elif self.batch_size is None and cpu and b * largest > self.HEAP_TENSOR:
+            n = -(-b // max(1, self.HEAP_TENSOR // max(1, largest)))
+            if b * total >= (n - 1) * weights:  # fresh activations saved vs weights read again
+                chunk = -(-b // n)
+        group = k
+        if cpu and k > 1:
+            group = max(1, min(k, self.HEAP_TENSOR // max(1, chunk * largest)))
+        return chunk, group
+
+    def _chunk(self, x, k: int) -> int:
+        return self._schedule(x, k)[0]
 
     def _explain(self, x, target, record: bool, keep_layers: bool) -> Explanation:
         self._check_input(x)
@@ -238,12 +272,12 @@ class LRP:
         if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 and t_all.shape[0] != b:
             raise RelevanceError(f"LRP: target has {t_all.shape[0]} rows for a batch of {b} samples")
         k = t_all.shape[1] if isinstance(t_all, torch.Tensor) and t_all.dim() == 2 else 1
-        chunk = self._chunk(x, k)
+        chunk, group = self._schedule(x, k)
         parts = []
         with torch.no_grad():
             for a in range(0, b, chunk):
                 tc = t_all[a:a + chunk] if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 else t_all
-                parts.append(self._run(x[a:a + chunk], tc, record, keep_layers))
+                parts.append(self._run(x[a:a + chunk], tc, record, keep_layers, group))
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
@@ -257,7 +291,7 @@ class LRP:
                            conservation=None if first.conservation is None else
                            {n: cat([p.conservation[n] for p in parts]) for n in first.conservation})
 
-    def _run(self, x, target, record: bool, keep_layers: bool) -> Explanation:
+    def _run(self, x, target, record: bool, keep_layers: bool, group: int = 0) -> Explanation:
         plan = self.plan
         call = graph.forward(plan, x, fuse_pools=not record)
         logits = call.logits
@@ -266,11 +300,29 @@ class LRP:
                                  f"logits (B, classes) with B = {x.shape[0]}")
         t, multi = _targets(target, logits)
         b, k = t.shape
-        r0 = torch.zeros((b, k, logits.shape[1]), dtype=logits.dtype, device=logits.device)
-        value = logits.gather(1, t) if self.init == "logit" else torch.ones(t.shape, dtype=logits.dtype,
-                                                                               device=logits.device)
-        r0.scatter_(2, t.unsqueeze(-1), value.unsqueeze(-1))
-        r0 = r0.reshape(b * k, -1)
+
+        def initial(tg):
+            r0 = torch.zeros((b, tg.shape[1], logits.shape[1]), dtype=logits.dtype, device=logits.device)
+            value = logits.gather(1, tg) if self.init == "logit" else torch.ones(tg.shape, dtype=logits.dtype,
+                                                                                  device=logits.device)
+            return r0.scatter_(2, tg.unsqueeze(-1), value.unsqueeze(-1)).reshape(b * tg.shape[1], -1)
+
+        if not record and 0 < group < k:
+            # A few targets per relevance pass, all on this one forward (see _schedule).
+            rel = torch.empty((b, k, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            saved = call.saved
+            for g0 in range(0, k, group):
+                last = g0 + group >= k
+                call.saved, call.dens = (saved if last else list(saved)), {}
+                tg = t[:, g0:g0 + group]
+                part = graph.relevance(plan, call, initial(tg))
+                if part is None:
+                    part = torch.zeros((b * tg.shape[1], *x.shape[1:]), dtype=x.dtype, device=x.device)
+                rel[:, g0:g0 + group] = part.view(b, tg.shape[1], *x.shape[1:])
+            del call, saved
+            return Explanation(relevance=rel if multi else rel[:, 0], logits=logits,
+                               targets=t if multi else t[:, 0], layers=None, conservation=None)
+        r0 = initial(t)
 
         def shaped(r, shape):
             r = r.reshape(b, k, *shape)

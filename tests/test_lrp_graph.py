@@ -194,10 +194,41 @@ def test_memory_budget_sizes_chunks_by_estimate():
     lrp = lrpfast.LRP(model, memory_budget="8MiB")
     x = torch.randn(64, 1, 28, 28)
     chunk = lrp._chunk(x, 1)
-    per_sample = lrp._per_sample[(tuple(x.shape[1:]), x.dtype, x.device, 1)]
-    assert per_sample > 4 * 64 * 26 * 26           # at least one conv output per sample
-    assert chunk == (8 << 20) // per_sample and 1 <= chunk < 64
-    assert lrp._chunk(x, 10) < chunk                 # K maps per sample need more
+    total, largest, weights = lrp._per_sample[(tuple(x.shape[1:]), x.dtype, x.device)]
+    assert largest == 4 * 64 * 24 * 24                        # the second conv's output, one sample
+    assert total > 4 * (32 * 26 * 26 + 64 * 24 * 24) and weights > 4 * 9216 * 128
+    assert chunk == (8 << 20) // (total + 3 * largest) and 1 <= chunk < 64
+    assert lrp._chunk(x, 10) < chunk                         # K maps per sample need more
+
+
+def test_cpu_schedule_keeps_tensors_small_only_where_it_pays():
+    seed = lrpfast.LRP(seed_mnist_cnn("conv3x2").eval())
+    x = torch.randn(256, 1, 28, 28)
+    chunk, group = seed._schedule(x, 10)
+    assert chunk * 4 * 64 * 24 * 24 <= seed.HEAP_TENSOR and chunk < 256 and group == 1
+    assert seed._schedule(x[:16], 10) == (16, 4)             # 16 samples: 4 targets per pass
+    assert seed._schedule(x[:16], 1) == (16, 1)
+    # big weights, small activations: reading the weights per chunk would cost more than it saves
+    heavy = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 26 * 26, 4096), nn.ReLU(),
+                          nn.Linear(4096, 10)).eval()
+    lrp = lrpfast.LRP(heavy)
+    lrp.HEAP_TENSOR = 1 << 16
+    assert lrp._schedule(torch.randn(64, 1, 28, 28), 1)[0] == 64
+
+
+def test_target_groups_and_chunks_equal_one_pass():
+    model = everything(torch.float64)
+    x = 0.1 * torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    t = torch.randint(0, 5, (6, 4))
+    one = lrpfast.LRP(model)
+    one.HEAP_TENSOR = 1 << 40                               # one pass
+    assert one._schedule(x, 4) == (6, 4)
+    small = lrpfast.LRP(model)
+    small.HEAP_TENSOR = 1 << 14                             # chunks and one target per pass
+    chunk, group = small._schedule(x, 4)
+    assert chunk < 6 and group == 1
+    assert rel_err(small(x, t), one(x, t)) < 1e-12
+    assert rel_err(small(x), one(x)) < 1e-12
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])

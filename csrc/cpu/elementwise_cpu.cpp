@@ -33,37 +33,51 @@ void for_each_run(const ElementwiseArgs& args, Body body) {
 
 enum class Op { kStabDiv, kMulInput, kMulStabDiv };
 
+// x86-64 builds get an AVX2 clone of the inner loop besides the baseline (SSE2) one, picked at
+// load time by the CPU it runs on (GCC's target_clones).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LRPFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LRPFAST_CPU_CLONES
+#endif
+
+// One contiguous run: a plain loop over restrict pointers (no closure state to reload), with the
+// op and the stabiliser mode as compile-time constants, so that the compiler vectorises it.
+template <Op op, int32_t mode, typename scalar_t>
+LRPFAST_CPU_CLONES void run_span(scalar_t* __restrict__ out, const scalar_t* __restrict__ a,
+                                 const scalar_t* __restrict__ b, const scalar_t* __restrict__ c, int64_t n,
+                                 at::opmath_type<scalar_t> eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t va = static_cast<acc_t>(a[i]);
+    const acc_t vb = static_cast<acc_t>(b[i]);
+    acc_t v;
+    if constexpr (op == Op::kStabDiv) {
+      v = lrpfast::stab_div(va, vb, eps, mode);
+    } else if constexpr (op == Op::kMulInput) {
+      v = lrpfast::mul_input(va, vb);
+    } else {
+      v = lrpfast::mul_stab_div(va, vb, static_cast<acc_t>(c[i]), eps, mode);
+    }
+    out[i] = static_cast<scalar_t>(v);
+  }
+}
+
 template <Op op>
 at::Tensor run(const char* name, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                const at::Tensor& ref, double eps, c10::string_view stabilizer) {
   auto args = prepare_elementwise(name, a, b, c, ref, eps, stabilizer);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lrpfast_elementwise_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* __restrict__ out = args.out.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ pa = args.a.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ pb = args.b.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ pc = args.c.defined() ? args.c.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = args.out.data_ptr<scalar_t>();
+    const scalar_t* pa = args.a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = args.b.const_data_ptr<scalar_t>();
+    const scalar_t* pc = args.c.defined() ? args.c.const_data_ptr<scalar_t>() : nullptr;
     const acc_t e = static_cast<acc_t>(args.eps);
-    // The stabiliser mode becomes a compile-time constant of the inner loop, so that the
-    // compiler folds it away and vectorises the selects (a run-time mode kept it scalar).
     auto loop = [&](auto mode_constant) {
       constexpr int32_t mode = decltype(mode_constant)::value;
       for_each_run(args, [&](int64_t i0, int64_t i1, int64_t off) {
-        const scalar_t* __restrict__ sb = pb + off;
-        const scalar_t* __restrict__ sc = pc + off;
-        for (int64_t i = i0; i < i1; ++i) {
-          const acc_t va = static_cast<acc_t>(pa[i]);
-          const acc_t vb = static_cast<acc_t>(sb[i]);
-          acc_t v;
-          if constexpr (op == Op::kStabDiv) {
-            v = lrpfast::stab_div(va, vb, e, mode);
-          } else if constexpr (op == Op::kMulInput) {
-            v = lrpfast::mul_input(va, vb);
-          } else {
-            v = lrpfast::mul_stab_div(va, vb, static_cast<acc_t>(sc[i]), e, mode);
-          }
-          out[i] = static_cast<scalar_t>(v);
-        }
+        run_span<op, mode, scalar_t>(out + i0, pa + i0, pb + off + i0, pc ? pc + off + i0 : nullptr, i1 - i0, e);
       });
     };
     if (args.stabilizer == kStabPlus) {
