@@ -464,15 +464,20 @@ def test_modified_weights_cached_and_invalidated():
 
 def test_cache_goes_with_the_module():
     import gc
+    import weakref
 
     layer = make_layer("linear")
     x = _inputs("linear", "signed")
     ZPlus().relprop(make_ctx(layer, x), torch.randn(2, 5, dtype=F64))
     assert modified_weights.cache_size(layer) > 0
     n = len(modified_weights._CACHE)
+    alive = weakref.ref(layer)
     del layer
     gc.collect()
-    assert len(modified_weights._CACHE) == n - 1
+    # the cache did not keep the module alive, and its entry left with it (other tests' modules
+    # may be collected by the same gc pass, hence <=)
+    assert alive() is None
+    assert len(modified_weights._CACHE) <= n - 1
 
 
 # ----------------------------------------------------------------------------- invalid parameters
