@@ -102,7 +102,7 @@ def write_plot(path: str, configs: List[dict], title: str = "") -> Optional[str]
                                                              r["q3_s"] * 1e3 / c["batch"]))
         for name, pts in series.items():
             b, y, lo, hi = zip(*pts)
-            style = dict(color="black", linestyle="--", linewidth=2.5, zorder=5) if name == "floor" else dict(marker="o")
+            style = dict(color="black", linestyle="--", linewidth=2.5, marker="_", markersize=28, zorder=5) if name == "floor" else dict(marker="o")
             line, = ax.plot(b, y, label=name, **style)
             ax.fill_between(b, lo, hi, color=line.get_color(), alpha=0.1)
         batches = sorted({c["batch"] for c in cs})
