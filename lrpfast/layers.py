@@ -72,6 +72,12 @@ class _RelLayer(nn.Module):
         self._versions = (x._version, z._version)
         _mark_finite(z)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer's forward, with its input and output kept for relprop."""
+        z = self.module(x)
+        self._cache(x, z)
+        return z
+
     @torch.no_grad()
     def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
         """Relevance at this layer's input from the relevance r at its output. r may hold K maps
@@ -116,11 +122,6 @@ class relLinear(_RelLayer):
     """Linear layer with `.relprop(r, use_rho=False)` (ε rule; use_rho=True: z+ rule)."""
 
     _wraps = (nn.Linear,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.module(x)
-        self._cache(x, z)
-        return z
 
     def _relprop(self, r: torch.Tensor, use_rho: bool) -> torch.Tensor:
         x, z = self._cached(r)
@@ -220,11 +221,6 @@ class relAvgPool2d(_RelLayer):
 
     _wraps = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
-    def forward(self, x):
-        z = self.module(x)
-        self._cache(x, z)
-        return z
-
     def _relprop(self, r, use_rho: bool):
         x, z = self._cached(r)
         m = self.module
@@ -237,11 +233,6 @@ class relAdaptiveAvgPool2d(_RelLayer):
     """AdaptiveAvgPool1d/2d/3d with `.relprop(r)`."""
 
     _wraps = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-
-    def forward(self, x):
-        z = self.module(x)
-        self._cache(x, z)
-        return z
 
     def _relprop(self, r, use_rho: bool):
         x, z = self._cached(r)

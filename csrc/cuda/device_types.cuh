@@ -3,6 +3,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 
 #include "../common/relevance_math.h"
 
@@ -20,6 +21,18 @@ template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16
 template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return v; }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Multiprocessors of the current device (read once): grids of memory-bound kernels are sized
+// to fill every SM a few times over and loop over the rest.
+inline int sm_count() {
+  static int count = [] {
+    int dev = 0, n = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n > 0 ? n : 80;
+  }();
+  return count;
+}
 
 // Calls f(T{}) with the storage type of a dtype code; false for an unknown code.
 template <typename F>

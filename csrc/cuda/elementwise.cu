@@ -50,16 +50,6 @@ __global__ void elementwise_kernel(ElementwiseParams p) {
   }
 }
 
-int sm_count() {
-  static int count = [] {
-    int dev = 0, n = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n > 0 ? n : 80;
-  }();
-  return count;
-}
-
 bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
 
 template <ElementwiseOp OP, typename T>

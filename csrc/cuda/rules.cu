@@ -52,16 +52,6 @@ __global__ void rule_kernel(RuleParams p) {
   }
 }
 
-int sm_count() {
-  static int count = [] {
-    int dev = 0, n = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n > 0 ? n : 80;
-  }();
-  return count;
-}
-
 template <RuleOp OP>
 cudaError_t launch_op(const RuleParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
