@@ -113,43 +113,50 @@ def stroke_fraction(relevance: torch.Tensor, x: torch.Tensor, threshold: float =
     return (pos * (x > threshold)).sum().item() / max(pos.sum().item(), 1e-30)
 
 
-def _best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and kernel selection are not throughput
-    best = float("inf")
+def _best_times(fns: dict, repeats: int) -> dict:
+    """Best time of each function over `repeats` rounds, the functions interleaved within a round
+    (so that a slow phase of the machine does not land on one of them alone)."""
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations and kernel selection are not throughput
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
 def throughput(model: nn.Module, x: torch.Tensor, batch_size: int = 250, repeats: int = 3, log=print) -> dict:
     """Images per second explaining all of x in batches, for the extension, the fallback, the
-    seed-style baseline and the floor (forward + input gradient, DESIGN.md §2); best of `repeats`."""
+    seed-style baseline and the floor (forward + input gradient, DESIGN.md §2); best of `repeats`
+    interleaved rounds."""
     from ._ext import HAS_EXT, use_implementation
     from .dataset import make_lrp
 
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     lrp = make_lrp(model)
-    rates = {}
 
-    def run_lrp():
-        for b in batches:
-            lrp(b)
+    def run_lrp(impl):
+        def run():
+            with use_implementation(impl):
+                for b in batches:
+                    lrp(b)
+        return run
 
-    impls = (["extension"] if HAS_EXT else []) + ["fallback"]
-    if not HAS_EXT:
+    fns = {}
+    if HAS_EXT:
+        fns["extension"] = run_lrp("extension")
+    else:
         log("  extension: not built (pip install --no-build-isolation -e .); skipped")
-    for impl in impls:
-        with use_implementation(impl):
-            rates[impl] = len(x) / _best_time(run_lrp, repeats)
+    fns["fallback"] = run_lrp("fallback")
     try:
         from .bench.seed_baseline import SeedStyleLRP
     except ImportError:
         log("  seed-style baseline: lrpfast.bench.seed_baseline not available; skipped")
     else:
         seed = SeedStyleLRP(list(model))
-        rates["seed-style baseline"] = len(x) / _best_time(lambda: [seed(b) for b in batches], repeats)
+        fns["seed-style baseline"] = lambda: [seed(b) for b in batches]
 
     def floor():
         for b in batches:
@@ -157,8 +164,8 @@ def throughput(model: nn.Module, x: torch.Tensor, batch_size: int = 250, repeats
             logits = model(b)
             torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), b)
 
-    rates["floor (forward + input gradient)"] = len(x) / _best_time(floor, repeats)
-    return rates
+    fns["floor (forward + input gradient)"] = floor
+    return {name: len(x) / t for name, t in _best_times(fns, repeats).items()}
 
 
 def conservation_report(conservation: dict, model: Optional[nn.Module] = None) -> list:
