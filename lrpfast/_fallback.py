@@ -131,38 +131,46 @@ def _as_2d(t: torch.Tensor, dims: int) -> torch.Tensor:
     return t.unsqueeze(-2) if dims == 1 else t
 
 
+def avg_pool_contract(s, x, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
+                      divisor_override: Optional[int]):
+    """The input-gradient contraction of an AvgPool1d/2d/3d: each window's s spread over its
+    inputs (s may carry K rows per row of x). Shared with the whole-model pass (lrpfast/nodes.py)."""
+    dims = x.dim() - 2
+    like = _batched_like(x, s.shape[0])
+    if dims == 3:
+        return torch.ops.aten.avg_pool3d_backward(s, like, kernel_size, stride, padding, ceil_mode,
+                                                  count_include_pad, divisor_override)
+    one = lambda v: ([1] if dims == 1 else []) + list(v)  # noqa: E731  (1d pools as 2d, height 1)
+    pad0 = ([0] if dims == 1 else []) + list(padding)
+    if like.is_cuda and dims == 2 and like.is_contiguous(memory_format=torch.channels_last):
+        # CUDA's channels_last avg_pool2d backward is wrong with padding (torch 2.11): use the
+        # NCHW kernel, chosen by the layout of `like` (only its sizes are read).
+        like = like.new_empty(like.shape)
+    c = torch.ops.aten.avg_pool2d_backward(_as_2d(s, dims), _as_2d(like, dims), one(kernel_size),
+                                           one(stride), pad0, ceil_mode, count_include_pad, divisor_override)
+    return c.squeeze(-2) if dims == 1 else c
+
+
+def adaptive_avg_pool_contract(s, x):
+    """The input-gradient contraction of an AdaptiveAvgPool1d/2d/3d (s may carry K rows per row of x)."""
+    dims = x.dim() - 2
+    like = _batched_like(x, s.shape[0])
+    if dims == 3:
+        return torch.ops.aten._adaptive_avg_pool3d_backward(s, like)
+    c = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(s, dims), _as_2d(like, dims))
+    return c.squeeze(-2) if dims == 1 else c
+
+
 def avg_pool_relprop(r, x, z, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
                      divisor_override: Optional[int], eps: float, stabilizer: str):
     s = stab_div(r, z, eps, stabilizer)
-    dims = x.dim() - 2
-    like = _batched_like(x, r.shape[0])
-    if dims == 3:
-        c = torch.ops.aten.avg_pool3d_backward(s, like, kernel_size, stride, padding, ceil_mode,
-                                               count_include_pad, divisor_override)
-    else:
-        one = lambda v: ([1] if dims == 1 else []) + list(v)  # noqa: E731  (1d pools as 2d, height 1)
-        pad0 = ([0] if dims == 1 else []) + list(padding)
-        if like.is_cuda and dims == 2 and like.is_contiguous(memory_format=torch.channels_last):
-            # CUDA's channels_last avg_pool2d backward is wrong with padding (torch 2.11): use the
-            # NCHW kernel, chosen by the layout of `like` (only its sizes are read).
-            like = like.new_empty(like.shape)
-        c = torch.ops.aten.avg_pool2d_backward(_as_2d(s, dims), _as_2d(like, dims), one(kernel_size),
-                                               one(stride), pad0, ceil_mode, count_include_pad,
-                                               divisor_override)
-        c = c.squeeze(-2) if dims == 1 else c
+    c = avg_pool_contract(s, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
     return mul_input(c, x)
 
 
 def adaptive_avg_pool_relprop(r, x, z, eps: float, stabilizer: str):
     s = stab_div(r, z, eps, stabilizer)
-    dims = x.dim() - 2
-    like = _batched_like(x, r.shape[0])
-    if dims == 3:
-        c = torch.ops.aten._adaptive_avg_pool3d_backward(s, like)
-    else:
-        c = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(s, dims), _as_2d(like, dims))
-        c = c.squeeze(-2) if dims == 1 else c
-    return mul_input(c, x)
+    return mul_input(adaptive_avg_pool_contract(s, x), x)
 
 
 # ============================================================================= rule ops (issue 4)

@@ -23,7 +23,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import canonize, ops
+from . import _fallback, canonize, ops
 from .ops import RelevanceError
 from .rules import LayerContext
 
@@ -352,12 +352,6 @@ _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _ADAPTIVE = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
-def _input_like(x: torch.Tensor, rows: int) -> torch.Tensor:
-    # Input-gradient kernels read only the sizes of the forward input: for K maps per sample an
-    # empty tensor (never written) stands for it.
-    return x if rows == x.shape[0] else x.new_empty((rows, *x.shape[1:]))
-
-
 class AvgPoolStep(_EpsilonStep):
     """AvgPool1d/2d/3d (module or functional): each input's share of the window mean."""
 
@@ -387,17 +381,8 @@ class AvgPoolStep(_EpsilonStep):
     def relprop(self, msg, call):
         x, z = call.saved[self.index]
         s = self._s(msg, call)
-        like = _input_like(x, s.shape[0])
-        if self.dims == 3:
-            c = torch.ops.aten.avg_pool3d_backward(s, like, self.kernel_size, self.stride, self.padding,
-                                                   self.ceil_mode, self.count_include_pad, self.divisor_override)
-        elif self.dims == 2:
-            c = torch.ops.aten.avg_pool2d_backward(s, like, self.kernel_size, self.stride, self.padding,
-                                                   self.ceil_mode, self.count_include_pad, self.divisor_override)
-        else:
-            c = torch.ops.aten.avg_pool2d_backward(s.unsqueeze(-2), like.unsqueeze(-2), [1, *self.kernel_size],
-                                                   [1, *self.stride], [0, *self.padding], self.ceil_mode,
-                                                   self.count_include_pad, self.divisor_override).squeeze(-2)
+        c = _fallback.avg_pool_contract(s, x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                        self.count_include_pad, self.divisor_override)
         return [(self.src, Msg(LAZY, c, x, True))]
 
 
@@ -415,13 +400,7 @@ class AdaptiveAvgPoolStep(_EpsilonStep):
     def relprop(self, msg, call):
         x, z = call.saved[self.index]
         s = self._s(msg, call)
-        like = _input_like(x, s.shape[0])
-        if self.dims == 3:
-            c = torch.ops.aten._adaptive_avg_pool3d_backward(s, like)
-        elif self.dims == 2:
-            c = torch.ops.aten._adaptive_avg_pool2d_backward(s, like)
-        else:
-            c = torch.ops.aten._adaptive_avg_pool2d_backward(s.unsqueeze(-2), like.unsqueeze(-2)).squeeze(-2)
+        c = _fallback.adaptive_avg_pool_contract(s, x)
         return [(self.src, Msg(LAZY, c, x, True))]
 
 
