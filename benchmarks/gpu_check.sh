@@ -3,7 +3,7 @@
 # the CUDA tests, compute-sanitizer memcheck + racecheck on a small subset, then the GPU benchmarks;
 # every log and figure goes to OUT_DIR, and a short summary is printed last.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR             # on an H100/H200 (under 5 minutes)
+#   bash benchmarks/gpu_check.sh OUT_DIR             # on an H100/H200: under 5 minutes (BUDGET_S=290)
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR   # the same steps on the CPU, tiny sizes (CI)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,13 +18,23 @@ export PYTHONUNBUFFERED=1
 declare -a SUMMARY=()
 FAILED=0
 
-step() {  # step NAME LOGFILE CMD...: run, log, record pass/fail and duration
-  local name=$1 log=$2; shift 2
-  local t0=$SECONDS
-  echo "== $name" | tee -a "$OUT/steps.log"
-  timeout "${STEP_TIMEOUT:-240}" "$@" > "$OUT/$log" 2>&1
+# The whole visit has a deadline (BUDGET_S, from the start): each step runs under its own cap and
+# never past the deadline less RESERVE_S, so the summary is always printed inside the device call's
+# timeout, even when a step hangs. Steps run most valuable first.
+BUDGET_S=${BUDGET_S:-$([ $DRY -eq 1 ] && echo 1800 || echo 290)}
+RESERVE_S=10
+step() {  # step NAME LOGFILE CAP_S CMD...: run, log, record pass/fail and duration
+  local name=$1 log=$2 cap=$3; shift 3
+  local t0=$SECONDS left=$((BUDGET_S - RESERVE_S - SECONDS))
+  [ "$cap" -gt "$left" ] && cap=$left
+  if [ "$cap" -le 5 ]; then
+    SUMMARY+=("$name: SKIPPED (the ${BUDGET_S} s budget is spent)"); FAILED=1; return 1
+  fi
+  echo "== $name (cap ${cap} s)" | tee -a "$OUT/steps.log"
+  timeout -k 5 "$cap" "$@" > "$OUT/$log" 2>&1
   local rc=$?
-  local line="$name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (rc=$rc)") in $((SECONDS - t0)) s  [$log]"
+  local why="FAILED (rc=$rc)"; [ $rc -eq 124 ] && why="TIMED OUT after ${cap} s"
+  local line="$name: $([ $rc -eq 0 ] && echo ok || echo "$why") in $((SECONDS - t0)) s  [$log]"
   SUMMARY+=("$line")
   echo "$line" | tee -a "$OUT/steps.log"
   if [ $rc -ne 0 ]; then FAILED=1; tail -n 25 "$OUT/$log"; fi
@@ -41,46 +51,83 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 # The GPU machines set CXX=/opt/gcc/bin/g++ (a gcc 13.3 wrapper). An extension built with it
 # segfaulted (H100, 2026-11-26) on any TORCH_CHECK whose message formats a number or a shape,
 # instead of raising; the system compiler builds a working one.
+ORIG_CXX=${CXX:-} ORIG_CC=${CC:-}
 if [ $DRY -eq 0 ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
-{ nvidia-smi 2>&1 || true; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"; } > "$OUT/machine.txt" 2>&1
+{ nvidia-smi 2>&1 || true; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
+  echo "CXX=${CXX:-} $(${CXX:-c++} --version 2>&1 | head -n 1)"; "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -n 2
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)"; nproc; } > "$OUT/machine.txt" 2>&1
 if [ $DRY -eq 1 ]; then
   # CI has just built the package (make test): ninja's incremental in-place build checks it is current.
-  step build build.log "$PY" setup.py build_ext --inplace || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+  step build build.log 900 "$PY" setup.py build_ext --inplace || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 else
-  step build build.log "$PY" -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+  IMAGE_CXX=${ORIG_CXX:-}
+  if ! step build build.log 150 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+    # The system compiler did not build it: once more with the image's own (the check below
+    # then says whether its TORCH_CHECKs raise or crash).
+    [ -n "$IMAGE_CXX" ] && [ "$IMAGE_CXX" != "${CXX:-}" ] && export CXX=$IMAGE_CXX CC=${ORIG_CC:-cc} &&
+      step build_image_cxx build_image_cxx.log 150 "$PY" -m pip install --no-build-isolation --no-deps -e . ||
+      { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+  fi
 fi
-step build_info build_info.json "$PY" -c "import json, lrpfast; i = lrpfast.build_info(); print(json.dumps(i, indent=1)); assert i['extension_loaded']"
+# The extension loads, and a C++ argument check raises a Python error instead of crashing the
+# process (what the image's compiler wrapper broke once; see the comment above).
+step build_info build_info.json 60 "$PY" -c "
+import json, torch, lrpfast
+i = lrpfast.build_info(); print(json.dumps(i, indent=1)); assert i['extension_loaded'], 'extension not loaded'
+try:
+    torch.ops.lrpfast.stab_div(torch.ones(2, 3), torch.ones(4, 5), 1e-6, 'sign')
+    raise SystemExit('a bad shape passed the C++ check')
+except RuntimeError as e:
+    print('C++ checks raise:', str(e).splitlines()[0])
+"
 
 # ---------------------------------------------------------------- 2. CUDA tests
 if [ $DRY -eq 1 ]; then
   # No GPU: the CUDA cases skip; the CPU side of the same files runs on a small subset.
-  step tests tests.log "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_models.py tests/test_ops.py -k "cpu and float32"
+  step tests tests.log 600 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_models.py tests/test_ops.py -k "cpu and float32"
 else
-  step tests tests.log "$PY" -m pytest -q -m cuda --continue-on-collection-errors -p no:cacheprovider tests
+  # pytest-xdist is in the GPU image: 8 workers (2 threads each for the CPU float64 references).
+  XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+  export LRPFAST_TEST_THREADS=2
+  step tests tests.log 100 "$PY" -m pytest -q -m cuda "${XDIST[@]}" --continue-on-collection-errors \
+    -p no:cacheprovider --durations=15 tests
+fi
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1
+
+# ---------------------------------------------------------------- 3. figures (issue 7's numbers)
+if [ $DRY -eq 1 ]; then
+  step figures figures.log 600 "$PY" benchmarks/gpu_figures.py --device cpu --tiny --out "$OUT/figures.json"
+else
+  step figures figures.log 100 "$PY" benchmarks/gpu_figures.py --device cuda --out "$OUT/figures.json"
 fi
 
-# ---------------------------------------------------------------- 3. compute-sanitizer
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+# ---------------------------------------------------------------- 4. compute-sanitizer
+SAN=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer" 2>/dev/null || true)
 if [ $DRY -eq 1 ] || [ -z "$SAN" ]; then
-  step sanitizer_smoke sanitizer_smoke.log "$PY" benchmarks/sanitizer_smoke.py --device cpu
+  step sanitizer_smoke sanitizer_smoke.log 300 "$PY" benchmarks/sanitizer_smoke.py --device cpu
 else
+  # Only lrpfast's own kernels are instrumented (kns=lrpfast): cuDNN/cuBLAS are not ours to check.
   for tool in memcheck racecheck; do
-    step "sanitizer_$tool" "sanitizer_$tool.log" "$SAN" --tool "$tool" --error-exitcode 9 \
+    step "sanitizer_$tool" "sanitizer_$tool.log" 60 "$SAN" --tool "$tool" --error-exitcode 9 \
       --kernel-name kns=lrpfast "$PY" benchmarks/sanitizer_smoke.py --device cuda
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | tail -n 1
   done
 fi
 
-# ---------------------------------------------------------------- 4. benchmarks
-if [ $DRY -eq 1 ]; then
-  step figures figures.log "$PY" benchmarks/gpu_figures.py --device cpu --tiny --out "$OUT/figures.json"
-else
-  step figures figures.log "$PY" benchmarks/gpu_figures.py --device cuda --out "$OUT/figures.json"
-fi
+# ---------------------------------------------------------------- 5. the bench CLI on this device
+# Issue 5's device paths (CUDA-event timing, --kernels) once, quickly: a smoke run, not a figure.
+DEV=$([ $DRY -eq 1 ] && echo cpu || echo cuda)
+step bench_cli bench_cli.log 40 "$PY" -m lrpfast.cli bench --device "$DEV" --quick --no-plot --no-progress \
+  --impls lrpfast,lrpfast-fallback,floor --out "$OUT/bench_cli"
+step bench_cli_kernels bench_cli_kernels.log 40 "$PY" -m lrpfast.cli bench --device "$DEV" --quick --kernels \
+  --no-plot --no-progress --out "$OUT/bench_cli"
 
-echo
-echo "==== gpu_check summary ($([ $DRY -eq 1 ] && echo dry-run || echo GPU)) ===="
-head -n 20 "$OUT/machine.txt" | grep -E "NVIDIA|torch" | head -n 3
-printf '%s\n' "${SUMMARY[@]}"
-[ -f "$OUT/figures.txt" ] && cat "$OUT/figures.txt"
+{
+  echo
+  echo "==== gpu_check summary ($([ $DRY -eq 1 ] && echo dry-run || echo GPU), ${SECONDS} s of ${BUDGET_S}) ===="
+  grep -E "NVIDIA|^torch|^commit" "$OUT/machine.txt" | head -n 4
+  printf '%s\n' "${SUMMARY[@]}"
+  grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 1
+  [ -f "$OUT/figures.txt" ] && cat "$OUT/figures.txt"
+} | tee "$OUT/summary.txt"
 exit $FAILED

@@ -64,6 +64,34 @@ def kernel_bandwidth(device, nbytes, reps):
         del x
         cases["max_pool_relprop"] = (lambda: ops.max_pool_relprop(zp, idx, x_shape),
                                      zp.numel() * (es + 8) + x_numel * es)
+        # the rule ops (csrc/cuda/rules.cu) on a conv-like (64, 64, L) layout, channels at dim 1;
+        # a paired tensor (two branches) is twice an unpaired one
+        r3, z3, p3 = a.view(64, 64, -1), b.view(64, 64, -1), c.view(64, 64, -1)
+        zplus = p3.abs()
+        paired_c = torch.randn(64, 128, r3.shape[-1], device=device, dtype=dtype)
+        cases.update({
+            "sign_split": (lambda: ops.sign_split(r3, 1), 3 * n * es),
+            "sign_split_mul_input": (lambda: ops.sign_split_mul_input(paired_c, r3, 1), 4 * n * es),
+            "bounds_mul_input": (lambda: ops.bounds_mul_input(paired_c, r3, z3, p3, 1), 6 * n * es),
+            "alpha_beta_stab_div": (lambda: ops.alpha_beta_stab_div(r3, z3, zplus, 1), 5 * n * es),
+            "gamma_stab_div": (lambda: ops.gamma_stab_div(r3, z3, p3, 1), 5 * n * es),
+        })
+        # The same ops one element a step: inputs offset by one element are not 16-byte aligned,
+        # so the kernels take their scalar path (the before of the vectorisation, side by side).
+        def offset(t):
+            flat = torch.empty(t.numel() + 1, device=device, dtype=dtype)
+            flat[1:].copy_(t.reshape(-1))
+            return flat[1:].view(t.shape)
+
+        ua2, ub2, uc2, ur3, uz3, up3 = (offset(t) for t in (a2, b2, c2, r3, z3, p3))
+        uzplus, upaired_c = offset(zplus), offset(paired_c)
+        cases.update({
+            "stab_div (scalar path)": (lambda: ops.stab_div(ua2, ub2), 3 * n * es),
+            "mul_stab_div (scalar path)": (lambda: ops.mul_stab_div(ua2, ub2, uc2), 4 * n * es),
+            "sign_split_mul_input (scalar path)": (lambda: ops.sign_split_mul_input(upaired_c, ur3, 1), 4 * n * es),
+            "gamma_stab_div (scalar path)": (lambda: ops.gamma_stab_div(ur3, uz3, up3, 1), 5 * n * es),
+            "alpha_beta_stab_div (scalar path)": (lambda: ops.alpha_beta_stab_div(ur3, uz3, uzplus, 1), 5 * n * es),
+        })
         res = {}
         for name, (fn, bytes_moved) in cases.items():
             fn()
@@ -72,7 +100,9 @@ def kernel_bandwidth(device, nbytes, reps):
         for name in res:
             res[name]["fraction_of_copy"] = res[name]["GB_per_s"] / res["copy"]["GB_per_s"]
         out[str(dtype).replace("torch.", "")] = res
-        del a, b, c, dst, a2, b2, c2, zp, idx
+        del a, b, c, dst, a2, b2, c2, zp, idx, r3, z3, p3, zplus, paired_c, cases, ua2, ub2, uc2, ur3, uz3, up3, uzplus, upaired_c
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -136,6 +166,39 @@ def model_figures(device, name, batch, size, rounds):
     return res
 
 
+def profile_breakdown(device, name, batch, size, path):
+    """Where the time of one ε LRP call and one floor call goes (float32), by kernel: what to tune
+    if the ratio to the floor misses. torch.profiler, one call each after a warm-up."""
+    import torchvision
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, name)(weights=None).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        t = m(x).argmax(1)
+    lrp = lrpfast.LRP(m)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    out = []
+    for label, fn in (("lrpfast", lambda: lrp(x, t)), ("floor", lambda: floor_fn(m, x, t))):
+        fn(), fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=acts) as prof:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out.append(f"==== {name} float32 b{batch} {label}: top kernels/ops by {key}\n")
+        try:
+            out.append(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+        except Exception as e:  # noqa: BLE001 (a profiler without this column: keep the figures)
+            out.append(f"(no table: {e})")
+        out.append("\n")
+    with open(path, "w") as f:
+        f.write("".join(out))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -146,13 +209,18 @@ def main():
     tiny = args.tiny
     info = {"build_info": lrpfast.build_info(), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            # torch's defaults are kept (a user's setting): cuDNN convolutions may use TF32, for the
+            # floor and lrpfast alike; the errors below are against float64 under that setting.
+            "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}}
     info["kernels"] = kernel_bandwidth(device, (1 << 20) if tiny else (256 << 20) * 2, 3 if tiny else 20)
     info["models"] = {}
     if hasattr(lrpfast, "LRP"):
         for name in ("vgg16", "resnet50"):
             info["models"][name] = model_figures(device, name, 2 if tiny else 64, 32 if tiny else 224,
                                                  2 if tiny else 10)
+        profile_breakdown(device, "vgg16", 2 if tiny else 64, 32 if tiny else 224,
+                          os.path.join(os.path.dirname(os.path.abspath(args.out)), "profile.txt"))
     lines = [f"device: {info['device']}  torch {torch.__version__}"]
     for dt, res in info["kernels"].items():
         lines.append(f"kernels {dt}: copy {res['copy']['GB_per_s']:.0f} GB/s; " + "; ".join(

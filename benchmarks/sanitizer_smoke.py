@@ -60,6 +60,32 @@ def main() -> int:
         got = ops.conv_relprop(rc, xc, zc, conv.weight, 1, 1, 1, 1)
         ref = _fallback.conv_relprop(rc.double(), xc.double(), zc.double(), conv.weight.double(), [1, 1], [1, 1], [1, 1], 1, 1e-6, "sign")
         check("conv_relprop 2d channels_last", got, ref, dtype)
+        # the rule kernels (csrc/cuda/rules.cu): paired layouts at dim 1 (conv, grouped) and -1
+        # (linear), K = 2 relevance maps per sample, sizes with and without a vector tail
+        for shape, dim, groups in (((6, 5, 4), 1, 1), ((6, 5, 4), 1, 3), ((8,), -1, 1), ((4, 9), -1, 1)):
+            b, k = 2, 2
+            x = torch.randn(b, *shape, device=dev, dtype=dtype)
+            # denominators kept away from zero, so float16 is compared where it can represent the result
+            pos = lambda: torch.rand(b, *shape, device=dev) + 0.5  # noqa: E731
+            z_plus = pos()
+            z_ab = (z_plus - pos()).to(dtype)  # z = z+ + z-, with z- = z - z+ <= -0.5
+            z = torch.where(torch.rand(b, *shape, device=dev) < 0.5, -1.0, 1.0) * pos()
+            zp = (z + 0.25 * pos()).to(dtype)  # gamma: zp = z + γ z+, so (2+γ) z - zp stays away from 0 where z < 0
+            z, z_plus = z.to(dtype), z_plus.to(dtype)
+            r = torch.randn(b * k, *shape, device=dev, dtype=dtype)
+            c = torch.randn(b * k, *ops.paired_shape(shape, dim if dim < 0 else dim - 1), device=dev, dtype=dtype)
+            low, high = x - 1, x + 1
+            d = lambda t: t.double()  # noqa: E731
+            tag = f"dim={dim} g={groups} {shape}"
+            check(f"sign_split {tag}", ops.sign_split(x, dim, groups), _fallback.sign_split(d(x), dim, groups), dtype)
+            check(f"sign_split_mul_input {tag}", ops.sign_split_mul_input(c, x, dim, groups),
+                  _fallback.sign_split_mul_input(d(c), d(x), dim, groups), dtype)
+            check(f"bounds_mul_input {tag}", ops.bounds_mul_input(c, x, low, high, dim, groups),
+                  _fallback.bounds_mul_input(d(c), d(x), d(low), d(high), dim, groups), dtype)
+            check(f"alpha_beta_stab_div {tag}", ops.alpha_beta_stab_div(r, z_ab, z_plus, dim, groups),
+                  _fallback.alpha_beta_stab_div(d(r), d(z_ab), d(z_plus), dim, groups, 2.0, 1.0, 1e-6, "sign"), dtype)
+            check(f"gamma_stab_div {tag}", ops.gamma_stab_div(r, z, zp, dim, groups),
+                  _fallback.gamma_stab_div(d(r), d(z), d(zp), dim, groups, 0.25, 1e-6, "sign"), dtype)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print("FAILED: " + ", ".join(failures) if failures else "all kernels agree with the float64 fallback")

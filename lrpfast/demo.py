@@ -226,15 +226,21 @@ def run(args) -> int:
           f"positive relevance on stroke pixels (> 0.3): {100 * stroke_fraction(rel, x_test):.1f}%")
 
     n = max(1, min(args.show, len(x_test)))
-    grid = save_grid(os.path.join(args.out, "demo_grid.png"), rel[:n], x_test[:n], ncols=5, cmap=args.cmap)
+    pred = result.logits[:n].argmax(1).tolist()  # the explained class
+    labels = [f"true {t} / pred {p}" for t, p in zip(y_test[:n].tolist(), pred)]
+    grid = save_grid(os.path.join(args.out, "demo_grid.png"), rel[:n], x_test[:n], ncols=5, cmap=args.cmap,
+                     labels=labels)
     # One digit per class explained for all ten classes at once (K = 10 targets in one pass):
     # evidence for the true class is red, for the other classes mostly blue.
     pick = torch.stack([torch.nonzero(y_test == c)[0, 0] for c in range(10)])[:5]
     # init="onehot": every class starts from relevance 1, so a negative logit does not flip its map.
     onehot = make_lrp(model, eps=args.eps, init="onehot")
     all_classes = onehot(x_test[pick], torch.arange(10).expand(len(pick), 10))
-    classes = save_grid(os.path.join(args.out, "demo_all_classes.png"), all_classes, x_test[pick], cmap=args.cmap)
-    print(f"wrote {grid} (digit | heatmap pairs) and {classes} (each row: digit, relevance for classes 0-9)")
+    row_labels = [f"true {c}: the digit, then its relevance for classes 0 to 9" for c in y_test[pick].tolist()]
+    classes = save_grid(os.path.join(args.out, "demo_all_classes.png"), all_classes, x_test[pick], cmap=args.cmap,
+                        labels=row_labels)
+    print(f"wrote {grid} (digit | heatmap pairs, true and predicted class above) and {classes} "
+          f"(each row: digit, relevance for classes 0-9)")
 
     print("conservation: Σ R at the input of each node / Σ R at the output (the explained logit), over the "
           "digits; biases absorb the difference:")

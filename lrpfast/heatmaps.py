@@ -3,6 +3,7 @@
     rgb = lrpfast.heatmap(relevance)                        # (H, W, 3) or (B, H, W, 3) uint8
     lrpfast.save_heatmap("r.png", relevance[0], input=x[0])
     lrpfast.save_grid("grid.png", relevance, inputs=x)      # digit | heatmap pairs
+    lrpfast.save_grid("grid.png", relevance, inputs=x, labels=[f"class {c}" for c in y.tolist()])
 
 The colour arithmetic is numpy only; writing a PNG needs Pillow (optional: `pip install
 lrpfast[plot]`); matplotlib's colour maps can be used by name when it is installed. Colour maps
@@ -18,7 +19,7 @@ lrpfast[plot]`); matplotlib's colour maps can be used by name when it is install
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -222,12 +223,17 @@ def heatmap(relevance, cmap: str = "bwr", normalization: str = "symmetric", *, i
 def heatmap_grid(relevance, inputs=None, ncols: Optional[int] = None, pad: int = 2, *, cmap: str = "bwr",
                  normalization: str = "symmetric", percentile: float = 100.0, channel_reduce: str = "sum",
                  overlay: bool = False, alpha: float = 0.7, scale: Optional[int] = None,
-                 background: int = 255) -> np.ndarray:
+                 background: int = 255, labels: Optional[Sequence[str]] = None) -> np.ndarray:
     """One uint8 RGB picture with many maps.
 
     relevance (B, C, H, W): B tiles, or B (input, heatmap) pairs when `inputs` is given, `ncols`
     tiles or pairs per row. relevance (B, K, C, H, W) (K targets per sample): one row per sample,
-    the input first when given. overlay=True draws each heatmap over its input instead of beside it."""
+    the input first when given. overlay=True draws each heatmap over its input instead of beside it.
+
+    labels: one string per sample (B of them; a list, or a tensor/array of class indices), written
+    in Pillow's default bitmap font on a strip above that sample's tiles (its pair, its tile, or
+    its row of K maps); the font is enlarged 2x, 3x, ... on large tiles when every label still fits,
+    and a label wider than its tiles is cut. Needs Pillow. None (default): no strips."""
     where = "heatmap_grid"
     r = _to_numpy(relevance)
     multi = r.ndim == 5
@@ -236,6 +242,8 @@ def heatmap_grid(relevance, inputs=None, ncols: Optional[int] = None, pad: int =
     b, k = r.shape[0], (r.shape[1] if multi else 1)
     if b == 0:
         raise HeatmapError(f"{where}: no relevance maps (batch of 0)")
+    if labels is not None:
+        labels = _labels(labels, b, where)
     flat = r.reshape(b * k, *r.shape[-3:])
     h, w = flat.shape[-2:]
     s = _auto_scale(h, w, scale)
@@ -253,22 +261,96 @@ def heatmap_grid(relevance, inputs=None, ncols: Optional[int] = None, pad: int =
     in_tiles = _upscale(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8), s) if show_input else None
     per_sample = [([in_tiles[i]] if show_input else []) + list(heat[i]) for i in range(b)]
     if multi:
-        rows = per_sample
+        ncols = 1
     else:
         ncols = ncols or max(1, int(np.ceil(np.sqrt(b * (2 if show_input else 1)) / (2 if show_input else 1))))
-        rows = [sum(per_sample[i:i + ncols], []) for i in range(0, b, ncols)]
-    return _assemble(rows, pad, background)
+    rows = [sum(per_sample[i:i + ncols], []) for i in range(0, b, ncols)]
+    if labels is None:
+        return _assemble(rows, pad, background)
+    layout = _label_layout(labels, per_sample[0], pad)
+    canvas = _assemble(rows, pad, background, layout.strip)
+    _draw_labels(canvas, labels, layout, per_sample[0][0].shape[:2], ncols, pad, background)
+    return canvas
 
 
-def _assemble(rows: List[List[np.ndarray]], pad: int, background: int) -> np.ndarray:
+def _assemble(rows: List[List[np.ndarray]], pad: int, background: int, strip: int = 0) -> np.ndarray:
+    """Tiles row by row, `pad` apart; each row has `strip` pixels above its tiles for labels."""
     th, tw = rows[0][0].shape[:2]
     ncols = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (th + pad) + pad, ncols * (tw + pad) + pad, 3), background, dtype=np.uint8)
+    canvas = np.full((len(rows) * (strip + th + pad) + pad, ncols * (tw + pad) + pad, 3), background, dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
-            y, x = pad + i * (th + pad), pad + j * (tw + pad)
+            y, x = pad + i * (strip + th + pad) + strip, pad + j * (tw + pad)
             canvas[y:y + th, x:x + tw] = tile
     return canvas
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def _labels(labels, n: int, where: str) -> List[str]:
+    if isinstance(labels, (str, bytes)):
+        raise HeatmapError(f"{where}: labels must be a sequence of {n} strings (one per sample), got one string")
+    if hasattr(labels, "tolist"):  # a tensor or array of class indices
+        labels = labels.tolist()
+    labels = [str(v) for v in labels]
+    if len(labels) != n:
+        raise HeatmapError(f"{where}: labels has {len(labels)} entries for {n} samples; expected one string per sample")
+    return labels
+
+
+def _label_font():
+    try:
+        from PIL import ImageFont
+    except ImportError:
+        raise ImportError("lrpfast: heatmap labels are drawn with Pillow; pip install 'lrpfast[plot]'") from None
+    # The bitmap font (from Pillow 10.1 on, load_default gives a FreeType font where it can).
+    return getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+
+
+# Font pixels of space above and below a line of label text.
+_LABEL_MARGIN = 2
+
+
+class _LabelLayout(NamedTuple):
+    font: object
+    factor: int   # integer enlargement of the font
+    line: int     # font pixels per line
+    span: int     # tiles per label: its sample's tiles
+    width: int    # pixels one label may cover: those tiles and the pads between them
+    strip: int    # pixels above each row of tiles
+
+
+def _label_layout(labels: List[str], tiles: List[np.ndarray], pad: int) -> _LabelLayout:
+    """Labels over groups of len(tiles) tiles: the font twice its size on 112-px tiles (MNIST's
+    default), three times on 168-px ones, ..., as long as the widest label still fits."""
+    font = _label_font()
+    th, tw = tiles[0].shape[:2]
+    width = len(tiles) * tw + (len(tiles) - 1) * pad
+    line = font.getbbox("Ag|_")[3]
+    widest = max((font.getbbox(t)[2] for t in labels if t), default=0)
+    factor = max(1, min(th // 56, width // max(1, widest)))
+    return _LabelLayout(font, factor, line, len(tiles), width, factor * (line + 2 * _LABEL_MARGIN))
+
+
+def _draw_labels(canvas: np.ndarray, labels: List[str], layout: _LabelLayout, tile_shape, ncols: int, pad: int,
+                 background: int) -> None:
+    """Write label i centred on the strip above sample i (row i // ncols, group i % ncols)."""
+    from PIL import Image, ImageDraw
+
+    th, tw = tile_shape
+    f = layout.factor
+    ink = 0 if int(background) >= 128 else 255  # black on a light background, white on a dark one
+    for i, text in enumerate(labels):
+        if not text:
+            continue
+        mask = Image.new("L", (max(1, layout.font.getbbox(text)[2]), layout.line), 0)
+        ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=layout.font)
+        m = (np.asarray(mask) > 127).repeat(f, axis=0).repeat(f, axis=1)[:, :layout.width]  # cut at its tiles' edge
+        row, col = divmod(i, ncols)
+        y = pad + row * (layout.strip + th + pad) + f * _LABEL_MARGIN
+        x = pad + col * layout.span * (tw + pad) + (layout.width - m.shape[1]) // 2
+        canvas[y:y + m.shape[0], x:x + m.shape[1]][m] = ink
 
 
 # ----------------------------------------------------------------------------- files

@@ -128,6 +128,28 @@ def _targets(target, logits: torch.Tensor):
     return t, multi
 
 
+def _finite_sum(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool: is the sum of t finite? One read of t; NaN and Inf survive a sum (a finite sum can
+    still overflow, so a False is confirmed element-wise before anything is reported)."""
+    return torch.isfinite(t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum())
+
+
+def _check_finite(t: torch.Tensor, message: str) -> None:
+    """Raise RelevanceError(message) if t holds NaN or Inf. One host sync on an accelerator; inside
+    torch.compile an asynchronous assert instead, so the graph does not break."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(_finite_sum(t), message)
+    elif not bool(_finite_sum(t)) and not bool(torch.isfinite(t).all()):
+        raise RelevanceError(message)
+
+
+def _overflow_hint(dtype: torch.dtype) -> str:
+    if dtype == torch.float16:
+        return ("; float16 tops out at 65504 and relevance divided by a denominator near eps overflows it: "
+                "use bfloat16 or float32, or a larger eps")
+    return "; a model parameter or buffer may hold NaN/Inf"
+
+
 class LRP:
     """Layer-wise Relevance Propagation for any traceable model.
 
@@ -272,12 +294,20 @@ class LRP:
         if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 and t_all.shape[0] != b:
             raise RelevanceError(f"LRP: target has {t_all.shape[0]} rows for a batch of {b} samples")
         k = t_all.shape[1] if isinstance(t_all, torch.Tensor) and t_all.dim() == 2 else 1
+        # NaN/Inf are reported, not propagated in silence: one read of the input here, one of the
+        # result below (a finite input can still overflow float16 on the way back).
+        _check_finite(x, "LRP: x contains NaN or Inf")
         chunk, group = self._schedule(x, k)
         parts = []
         with torch.no_grad():
-            for a in range(0, b, chunk):
+            # One chunk needs no range(0, b, chunk): under torch.compile(dynamic=True) that loop
+            # would specialise the symbolic batch size (a recompile per batch size).
+            for a in ((0,) if chunk >= b else range(0, b, chunk)):
                 tc = t_all[a:a + chunk] if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 else t_all
                 parts.append(self._run(x[a:a + chunk], tc, record, keep_layers, group))
+        for p in parts:
+            _check_finite(p.relevance, f"LRP: the {x.dtype} relevance map holds NaN or Inf although x is finite"
+                          + _overflow_hint(x.dtype))
         if len(parts) == 1:
             return parts[0]
         first = parts[0]

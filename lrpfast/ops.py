@@ -33,7 +33,8 @@ class RelevanceError(ValueError):
 def check_stabilizer(where: str, eps: float, stabilizer: str) -> None:
     if stabilizer not in STABILIZERS:
         raise RelevanceError(f"{where}: stabilizer must be one of {STABILIZERS}, got {stabilizer!r}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) eps is a SymFloat.
+    if not isinstance(eps, (int, float)) or not -math.inf < eps < math.inf or eps < 0:
         raise RelevanceError(f"{where}: eps must be a finite float >= 0, got {eps!r}")
 
 

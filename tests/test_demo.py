@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,9 +78,11 @@ def test_demo_command(trained, tmp_path, capsys):
     assert "fallback:" in text and "images/s" in text and "floor" in text
     assert ("seed-style baseline:" in text) or ("seed-style baseline: lrpfast.bench.seed_baseline not available" in text)
     grid = Image.open(out / "demo_grid.png")
-    tile, pad = 112, 2
-    assert grid.size == (10 * (tile + pad) + pad, 4 * (tile + pad) + pad)  # 20 digits as 5 pairs per row
-    assert Image.open(out / "demo_all_classes.png").size == (11 * (tile + pad) + pad, 5 * (tile + pad) + pad)
+    tile, pad, strip = 112, 2, 30  # a label strip above each row: Pillow's 11-px font twice, 2-px margins
+    assert grid.size == (10 * (tile + pad) + pad, 4 * (strip + tile + pad) + pad)  # 20 digits as 5 pairs per row
+    assert Image.open(out / "demo_all_classes.png").size == (11 * (tile + pad) + pad, 5 * (strip + tile + pad) + pad)
+    label = np.asarray(grid.convert("RGB"))[pad:pad + strip, pad:pad + 2 * tile + pad]
+    assert (label == 0).all(axis=-1).sum() > 100  # "true c / pred p" in black above the first pair
 
 
 def test_explain_demo_inputs_use_the_demo_model(trained, tmp_path):

@@ -100,6 +100,81 @@ def test_grid_layout():
     assert multi.shape == (8, 16, 3)
 
 
+def _det(*shape):
+    """Deterministic values in [-1, 1] (no random generator: the digests below are exact)."""
+    return torch.sin(torch.arange(int(np.prod(shape)), dtype=torch.float64) * 0.7).reshape(shape)
+
+
+def test_grid_without_labels_is_unchanged():
+    """labels=None draws exactly the pictures of the grid before labels existed (their digests)."""
+    import hashlib
+
+    r, x = _det(5, 1, 4, 4), (_det(5, 1, 4, 4) + 1) / 2
+    grids = [heatmap_grid(r, x, ncols=2, pad=1, scale=2), heatmap_grid(r, pad=3, scale=1, background=0),
+             heatmap_grid(_det(2, 3, 1, 4, 4), x[:2], scale=2, cmap="coldnhot"),
+             heatmap_grid(r, x, overlay=True, ncols=3)]
+    digests = [(g.shape, hashlib.sha256(g.tobytes()).hexdigest()[:16]) for g in grids]
+    assert digests == [((28, 37, 3), "6f688521e0b81525"), ((17, 24, 3), "ec9794aeb13dfaae"),
+                       ((22, 42, 3), "4035ec6ca22845d1"), ((230, 344, 3), "d8d947f6f9080ff6")]
+    assert np.array_equal(heatmap_grid(r, x, ncols=2, pad=1, scale=2, labels=None), grids[0])
+
+
+@pytest.mark.parametrize("background", [255, 0])
+def test_grid_labels_sit_on_a_strip_above_each_sample(background):
+    r, x = _det(5, 1, 28, 28), (_det(5, 1, 28, 28) + 1) / 2
+    pad, tile = 2, 112  # 28x28 maps: 112-px tiles, the font drawn twice its size
+    plain = heatmap_grid(r, x, ncols=2, background=background)
+    labels = ["true 7 / pred 7", "", "3", "true 1 / pred 7", "9"]
+    g = heatmap_grid(r, x, ncols=2, background=background, labels=labels)
+    rows = 3
+    assert g.shape[1] == plain.shape[1]
+    strip, rest = divmod(g.shape[0] - plain.shape[0], rows)
+    assert rest == 0 and strip == 2 * (11 + 2 * 2)  # Pillow's 11-px bitmap font, 2-px margins, twice
+    ink = 0 if background == 255 else 255
+    for i in range(rows):  # the tiles are today's, each row moved down by the strips above it
+        old = plain[pad + i * (tile + pad):pad + i * (tile + pad) + tile]
+        y0 = pad + i * (strip + tile + pad) + strip
+        assert np.array_equal(g[y0:y0 + tile], old)
+    pair = 2 * tile + pad
+    for n, text in enumerate(labels):
+        row, col = divmod(n, 2)
+        y0, x0 = pad + row * (strip + tile + pad), pad + col * (pair + pad)
+        band = g[y0:y0 + strip, x0:x0 + pair]
+        drawn = (band == ink).all(axis=-1)
+        if text:
+            assert drawn.sum() > 20 * len(text.replace(" ", ""))  # every glyph leaves some ink
+            assert ((band == ink) | (band == background)).all()  # one colour of text, no other pixels
+            cols = np.nonzero(drawn.any(axis=0))[0]
+            assert abs((cols[0] + cols[-1]) / 2 - pair / 2) < 4  # centred over its pair
+        else:
+            assert (band == background).all()
+    # The pad column between the two pairs of a row stays background: a label covers its own pair.
+    assert (g[:, pad + pair:pad + pair + pad] == background).all()
+
+
+def test_grid_labels_for_k_targets_rows_and_small_tiles():
+    r = _det(2, 3, 1, 4, 4)
+    plain = heatmap_grid(r, _det(2, 1, 4, 4).abs(), pad=1, scale=2)
+    g = heatmap_grid(r, _det(2, 1, 4, 4).abs(), pad=1, scale=2, labels=torch.tensor([4, 2]))  # class indices
+    strip = (g.shape[0] - plain.shape[0]) // 2
+    assert g.shape[1] == plain.shape[1] and strip == 11 + 2 * 2  # small tiles: the font at its size
+    assert (g[1:1 + strip] == 0).all(axis=-1).any() and (g[1 + strip + 8 + 1:][:strip] == 0).all(axis=-1).any()
+    # a label wider than its tiles is cut at their edge, never drawn over the neighbours
+    cut = heatmap_grid(_det(2, 1, 4, 4), ncols=2, pad=1, scale=2, labels=["a long label", "b"])
+    assert cut.shape == (1 + strip + 8 + 1, 2 * (8 + 1) + 1, 3)
+    assert (cut[:, 9] == 255).all()  # the pad between the two tiles
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["a", "b"], "labels has 2 entries for 3 samples"),
+    ("abc", "labels must be a sequence"),
+    ([], "labels has 0 entries"),
+])
+def test_wrong_labels_are_a_clear_error(labels, message):
+    with pytest.raises(HeatmapError, match=f"heatmap_grid: {message}"):
+        heatmap_grid(torch.randn(3, 1, 4, 4), labels=labels)
+
+
 def test_png_round_trip_and_save_helpers(tmp_path):
     r = torch.randn(3, 1, 6, 6)
     paths = save_heatmaps(tmp_path / "maps", r, names=["a", "b", "c.png"], scale=1)
@@ -110,6 +185,9 @@ def test_png_round_trip_and_save_helpers(tmp_path):
     assert np.array_equal(np.asarray(PIL.open(one).convert("RGB")), heatmap(r[0], "coldnhot", scale=2))
     grid = save_grid(tmp_path / "grid.png", r, torch.rand(3, 1, 6, 6), scale=1, pad=0, ncols=3)
     assert PIL.open(grid).size == (6 * 6, 6)
+    labelled = save_grid(tmp_path / "labelled.png", r, labels=["a", "b", "c"], scale=1, pad=0, ncols=3)
+    assert np.array_equal(np.asarray(PIL.open(labelled).convert("RGB")),
+                          heatmap_grid(r, labels=["a", "b", "c"], scale=1, pad=0, ncols=3))
     assert lrpfast.save_grid is save_grid and lrpfast.heatmap is heatmap  # the lazy exports
 
 
@@ -124,6 +202,9 @@ def test_missing_pillow_is_a_clear_error_and_matplotlib_maps_work(tmp_path, monk
     monkeypatch.setattr(builtins, "__import__", no_pil)
     with pytest.raises(ImportError, match="Pillow.*lrpfast\\[plot\\]"):
         write_png(tmp_path / "m.png", heatmap(torch.randn(5, 7)))
+    assert heatmap_grid(torch.randn(2, 1, 3, 3)).shape[-1] == 3  # no labels: no Pillow needed
+    with pytest.raises(ImportError, match="labels.*Pillow"):
+        heatmap_grid(torch.randn(2, 1, 3, 3), labels=["a", "b"])
     monkeypatch.undo()
     matplotlib = pytest.importorskip("matplotlib")
     r = torch.randn(4, 4)

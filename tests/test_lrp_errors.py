@@ -150,3 +150,53 @@ def test_bad_settings():
         lrpfast.LRP(model, composite=42)
     with pytest.raises(RelevanceError, match="unknown composite"):
         lrpfast.LRP(model, composite="no_such_composite")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("call", ["call", "explain", "chunked"])
+def test_non_finite_input_is_reported(lrp, bad, call):
+    x = torch.randn(3, 1, 28, 28)
+    x[1, 0, 5, 7] = bad
+    with pytest.raises(RelevanceError, match="LRP: x contains NaN or Inf"):
+        if call == "call":
+            lrp(x)
+        elif call == "explain":
+            lrp.explain(x, keep_layers=True)
+        else:
+            lrpfast.LRP(lrp.model, batch_size=1)(x)
+
+
+def test_finite_tensor_whose_sum_overflows_is_not_reported():
+    """The check reads a sum; a sum that overflows is confirmed element-wise before an error."""
+    from lrpfast.lrp import _check_finite
+
+    for dtype in (torch.float32, torch.bfloat16):  # half types are summed in float32: bfloat16 can overflow it
+        big = torch.full((4, 1000), torch.finfo(dtype).max / 2, dtype=dtype)
+        assert not torch.isfinite(big.sum(dtype=torch.float32))
+        _check_finite(big, "must not raise")
+        big[2, 3] = float("nan")
+        with pytest.raises(RelevanceError, match="raised"):
+            _check_finite(big, "raised")
+
+
+def test_non_finite_parameter_is_reported_as_a_nan_map():
+    """A finite input with a NaN weight would give a NaN map: reported, never returned."""
+    model = seed_mnist_cnn("notebook").eval()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(RelevanceError, match="relevance map holds NaN or Inf although x is finite.*parameter"):
+        lrpfast.LRP(model)(torch.rand(2, 1, 28, 28), 0)
+
+
+def test_float16_overflow_is_reported_with_a_hint():
+    """float16 relevance overflows where R/stab(z) exceeds 65504: the error says what to do, and
+    the same model in bfloat16 (float32's range) gives a finite map."""
+    model = nn.Sequential(nn.Linear(2, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model[2].weight.copy_(torch.tensor([[1e-3, -0.99e-3, 0.0], [1.0, 1.0, 1.0]]))  # z of class 0 ~ 1e-5
+    x = torch.ones(1, 2)
+    with pytest.raises(RelevanceError, match="float16 relevance map holds NaN or Inf.*65504.*bfloat16"):
+        lrpfast.LRP(model.half(), eps=1e-7, init="onehot")(x.half(), 0)
+    r = lrpfast.LRP(model.bfloat16(), eps=1e-7, init="onehot")(x.bfloat16(), 0)
+    assert torch.isfinite(r).all() and r.abs().max() > 1

@@ -8,11 +8,6 @@ namespace lrpfast {
 namespace cuda {
 namespace {
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
 template <ElementwiseOp OP, typename T, int VEC>
 __global__ void elementwise_kernel(ElementwiseParams p) {
   using acc_t = typename Acc<T>::type;
@@ -49,8 +44,6 @@ __global__ void elementwise_kernel(ElementwiseParams p) {
     out[v] = vo;
   }
 }
-
-bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
 
 template <ElementwiseOp OP, typename T>
 cudaError_t launch_typed(const ElementwiseParams& p, cudaStream_t stream) {

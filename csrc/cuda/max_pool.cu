@@ -1,6 +1,9 @@
 // CUDA kernel of max_pool_relprop: one thread per pooled element adds its relevance to the input
-// position the forward picked. Overlapping windows can pick the same input, hence atomicAdd
-// (native for float, double, half and bfloat16 on sm_80+); without overlap there is no contention.
+// position the forward picked. Overlapping windows can pick the same input, hence atomicAdd: one
+// fire-and-forget reduction (REDG.ADD) for float and double; sm_90 has no scalar 16-bit atomic add,
+// so for half and bfloat16 ptxas emits a compare-and-swap loop (correct; slower only where windows
+// overlap and contend; see the static report in benchmarks/RESULTS.md). Without overlap no two
+// threads ever add to one element.
 #include "device_types.cuh"
 #include "kernels.cuh"
 
