@@ -8,6 +8,15 @@ dtype, device and shape. The entry holds those tensors, so their memory cannot b
 tensors while the stamp is alive (a freed-and-reused address would otherwise look unchanged).
 Not seen: writes through `param.data` (a separate version counter); call `clear()` after those.
 
+Inside torch.compile there is no cache: `cached` just builds, so the modified weights are computed
+in the graph on every call. The stamp cannot be traced (`_version` and `data_ptr` of a traced
+tensor are not known at trace time: `_version` becomes an unbacked symbol and a comparison on it
+fails with fullgraph=True), and a hit decided at trace time would tie the graph to the tensors
+cached then, stale after an in-place change of the parameter (dynamo does not guard on
+`_version`, so nothing recompiles). The parameters are graph inputs, so building in the graph is
+correct for every call; it costs an elementwise pass over the weights (and, for z^B, flat and w²,
+a one-row forward), small next to the layer's contractions. Eager calls keep the cache.
+
 Concatenations ("paired" channels, csrc/rule_args.h) follow the channel groups of the layer:
     out_pair(a, b)  (2·O, C/g, ...)   per group: a's output channels, then b's
     in_pair(a, b)   (O, 2·C/g, ...)   per group: a's input channels, then b's
@@ -30,7 +39,10 @@ def _stamp(t: Optional[torch.Tensor]):
 
 
 def cached(module, key: Hashable, tensors, build: Callable[[], object]):
-    """build() once per (module, key) and version of `tensors`; recomputed when one changes."""
+    """build() once per (module, key) and version of `tensors`; recomputed when one changes.
+    While torch.compile traces: build() every time (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return build()
     try:
         stamp = tuple(_stamp(t) for t in tensors)
         store = _CACHE.get(module)

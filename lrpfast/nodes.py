@@ -224,6 +224,10 @@ class ContractionStep(Step):
         m = self.module
         if self.bn is None:
             return m.weight.detach(), None if m.bias is None else m.bias.detach()
+        if torch.compiler.is_compiling():
+            # Fold in the graph, every call: the stamp's `_version` is not traceable, and the
+            # parameters are graph inputs, so this is never stale (lrpfast.modified_weights).
+            return canonize.fold(m.weight.detach(), None if m.bias is None else m.bias.detach(), self.bn)
         stamp = canonize.source_version(m.weight, m.bias, *canonize.bn_tensors(self.bn))
         if stamp != self._stamp:
             self._wb = canonize.fold(m.weight.detach(), None if m.bias is None else m.bias.detach(), self.bn)
@@ -322,6 +326,8 @@ class BatchNormStep(_EpsilonStep):
         self._scale = None
 
     def scale(self):
+        if torch.compiler.is_compiling():  # in the graph, as ContractionStep.params
+            return canonize.affine(self.bn)[0]
         stamp = canonize.source_version(*canonize.bn_tensors(self.bn))
         if stamp != self._stamp:
             self._scale, _ = canonize.affine(self.bn)

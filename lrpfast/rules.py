@@ -127,17 +127,24 @@ def _check_layer(rule: str, ctx: LayerContext) -> None:
 
 
 def input_is_nonnegative(ctx: LayerContext) -> bool:
-    """x ≥ 0 everywhere: known from the graph (after a ReLU), else read once."""
+    """x ≥ 0 everywhere: known from the graph (after a ReLU), else read once. Inside torch.compile
+    only the graph's knowledge counts: a branch on x's values would be data-dependent (no full
+    graph), and the signed path it falls back to is exact for any x (its x- branch is all zero)."""
     if ctx.x_nonnegative:
         return True
+    if torch.compiler.is_compiling():
+        return False
     x = ctx.x
     return x.numel() == 0 or bool(x.min() >= 0)
 
 
 def relevance_where_nonpositive(ctx: LayerContext, r: torch.Tensor) -> bool:
-    """Some relevance arrives at a unit with z ≤ 0 (K maps per sample share z)."""
+    """Some relevance arrives at a unit with z ≤ 0 (K maps per sample share z). Inside
+    torch.compile, True unless the graph rules it out: the two-branch path is exact for any r."""
     if ctx.output_feeds_relu:
         return False
+    if torch.compiler.is_compiling():
+        return True
     z = ctx.z
     b = z.shape[0]
     if b == 0:
@@ -157,15 +164,21 @@ def _weights(ctx: LayerContext, key, build, extra=()):
 
 # Per-call state between denominator() and contract()/relprop_from_s(): tied to this call's x by
 # a weak reference and its version (ctx.cache may outlive the call; it must not keep x alive).
-# Missing or stale state is recomputed, never trusted.
+# Missing or stale state is recomputed, never trusted. Inside torch.compile there is no state:
+# `_version` is not known at trace time, and what is recomputed there (input_is_nonnegative) reads
+# only the graph's static facts, so recomputing costs nothing.
 _STATE = "lrpfast.rules.state"
 
 
 def _stash(ctx: LayerContext, value) -> None:
+    if torch.compiler.is_compiling():
+        return
     ctx.cache[_STATE] = (weakref.ref(ctx.x), ctx.x._version, value)
 
 
 def _peek(ctx: LayerContext, recompute):
+    if torch.compiler.is_compiling():
+        return recompute()
     slot = ctx.cache.get(_STATE)
     if slot is not None and slot[0]() is ctx.x and slot[1] == ctx.x._version:
         return slot[2]
@@ -448,8 +461,9 @@ class ZBox(Rule):
     def _bounds(self, ctx) -> Tuple[torch.Tensor, torch.Tensor]:
         """low/high as (1 or B, *x.shape[1:]) in x's dtype and device, computed once per shape."""
         x = ctx.x
-        key = (tuple(x.shape), x.dtype, x.device, self.low._version, self.high._version)
-        hit = self._bounds_cache.get(key)
+        compiling = torch.compiler.is_compiling()  # no cache: _version is not traceable (lrpfast.modified_weights)
+        key = None if compiling else (tuple(x.shape), x.dtype, x.device, self.low._version, self.high._version)
+        hit = None if compiling else self._bounds_cache.get(key)
         if hit is not None:
             return hit
         full = []
@@ -462,7 +476,8 @@ class ZBox(Rule):
         # One row shared by the batch unless a bound has a batch dimension of its own.
         per_sample = all(t.dim() < x.dim() or t.shape[0] == 1 for t in (self.low, self.high))
         out = tuple((f[:1] if per_sample else f).contiguous() for f in full)
-        self._bounds_cache = {key: out}  # one input shape at a time
+        if not compiling:
+            self._bounds_cache = {key: out}  # one input shape at a time
         return out
 
     def _offset(self, ctx, low, high) -> torch.Tensor:

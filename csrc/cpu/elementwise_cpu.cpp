@@ -5,9 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "../relprop_args.h"
+#include "vectorize.h"
 
 namespace lrpfast {
 namespace {
@@ -32,14 +31,6 @@ void for_each_run(const ElementwiseArgs& args, Body body) {
 }
 
 enum class Op { kStabDiv, kMulInput, kMulStabDiv };
-
-// x86-64 builds get an AVX2 clone of the inner loop besides the baseline (SSE2) one, picked at
-// load time by the CPU it runs on (GCC's target_clones).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LRPFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LRPFAST_CPU_CLONES
-#endif
 
 // One contiguous run: a plain loop over restrict pointers (no closure state to reload), with the
 // op and the stabiliser mode as compile-time constants, so that the compiler vectorises it.
@@ -74,17 +65,12 @@ at::Tensor run(const char* name, const at::Tensor& a, const at::Tensor& b, const
     const scalar_t* pb = args.b.const_data_ptr<scalar_t>();
     const scalar_t* pc = args.c.defined() ? args.c.const_data_ptr<scalar_t>() : nullptr;
     const acc_t e = static_cast<acc_t>(args.eps);
-    auto loop = [&](auto mode_constant) {
+    with_stabilizer(args.stabilizer, [&](auto mode_constant) {
       constexpr int32_t mode = decltype(mode_constant)::value;
       for_each_run(args, [&](int64_t i0, int64_t i1, int64_t off) {
         run_span<op, mode, scalar_t>(out + i0, pa + i0, pb + off + i0, pc ? pc + off + i0 : nullptr, i1 - i0, e);
       });
-    };
-    if (args.stabilizer == kStabPlus) {
-      loop(std::integral_constant<int32_t, kStabPlus>{});
-    } else {
-      loop(std::integral_constant<int32_t, kStabSign>{});
-    }
+    });
   });
   return args.out;
 }
