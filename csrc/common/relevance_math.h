@@ -108,19 +108,13 @@ LRPFAST_HD void alpha_beta_stab_div(acc_t r, acc_t z, acc_t z_plus, acc_t alpha,
 
 // Generalised γ: units with z > 0 divide by zp = z + γ z+, units with z < 0 by
 // zn = z + γ z- = (2 + γ) z - zp (again z- = z - z+: one contraction gives both).
-// gamma_quotients gives both quotients for every unit; gamma_stab_div keeps the one its sign picks.
-template <typename acc_t>
-LRPFAST_HD void gamma_quotients(acc_t r, acc_t z, acc_t zp, acc_t gamma, acc_t eps, int32_t mode, acc_t& q_pos,
-                                acc_t& q_neg) {
-  q_pos = stab_div(r, zp, eps, mode);
-  q_neg = stab_div(r, (acc_t(2) + gamma) * z - zp, eps, mode);
-}
-
+// Both quotients are computed for every unit, then selected: no division under a condition, so
+// compilers keep the loop branch-free (vector blends on CPU, predication on GPU).
 template <typename acc_t>
 LRPFAST_HD void gamma_stab_div(acc_t r, acc_t z, acc_t zp, acc_t gamma, acc_t eps, int32_t mode, acc_t& s_pos,
                                acc_t& s_neg) {
-  acc_t q_pos, q_neg;
-  gamma_quotients(r, z, zp, gamma, eps, mode, q_pos, q_neg);
+  const acc_t q_pos = stab_div(r, zp, eps, mode);
+  const acc_t q_neg = stab_div(r, (acc_t(2) + gamma) * z - zp, eps, mode);
   s_pos = z > acc_t(0) ? q_pos : acc_t(0);
   s_neg = z < acc_t(0) ? q_neg : acc_t(0);
 }

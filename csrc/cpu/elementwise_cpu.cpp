@@ -50,7 +50,7 @@ LRPFAST_CPU_CLONES void run_span(scalar_t* __restrict__ out, const scalar_t* __r
     } else {
       v = lrpfast::mul_stab_div(va, vb, static_cast<acc_t>(c[i]), eps, mode);
     }
-    out[i] = static_cast<scalar_t>(v);
+    out[i] = to_storage<scalar_t>(v);
   }
 }
 

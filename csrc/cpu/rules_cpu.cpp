@@ -6,8 +6,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 
 #include "../rule_args.h"
 #include "vectorize.h"
@@ -98,22 +96,9 @@ at::Tensor bounds_mul_input_cpu(const at::Tensor& c, const at::Tensor& x, const 
 
 enum class DivRule { kAlphaBeta, kGamma };
 
-// v where keep, else +0. For 16-bit storage a mask on the bits: GCC turned a select there into a
-// branch in the scalar loop, mispredicted on half the units (bfloat16 γ ran 12x slower than
-// float32, whose loop vectorises with blends).
-template <typename scalar_t>
-inline scalar_t keep_or_zero(bool keep, scalar_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    const uint16_t mask = static_cast<uint16_t>(-static_cast<int32_t>(keep));
-    return scalar_t(static_cast<uint16_t>(v.x & mask), typename scalar_t::from_bits_t{});
-  } else {
-    return keep ? v : scalar_t(0);
-  }
-}
-
 // One block of the αβ/γ division: the two branches of each unit, in a loop the compiler
-// vectorises (rule and stabiliser mode fixed at compile time, restrict pointers). A loop over the
-// block inside the for_each_block closure, with a run-time mode, ran ~10x slower than stab_div.
+// vectorises (rule and stabiliser mode fixed at compile time, restrict pointers, branch-free
+// conversion to the storage type: csrc/cpu/vectorize.h).
 template <DivRule rule, int32_t mode, typename scalar_t>
 LRPFAST_CPU_CLONES void div_span(scalar_t* __restrict__ sp, scalar_t* __restrict__ sn, const scalar_t* __restrict__ rs,
                                  const scalar_t* __restrict__ zs, const scalar_t* __restrict__ z2s, int64_t n,
@@ -122,18 +107,14 @@ LRPFAST_CPU_CLONES void div_span(scalar_t* __restrict__ sp, scalar_t* __restrict
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t r = static_cast<acc_t>(rs[j]), z = static_cast<acc_t>(zs[j]), z2 = static_cast<acc_t>(z2s[j]);
+    acc_t vp, vn;
     if constexpr (rule == DivRule::kAlphaBeta) {
-      acc_t vp, vn;
       alpha_beta_stab_div(r, z, z2, q0, q1, eps, mode, vp, vn);
-      sp[j] = static_cast<scalar_t>(vp);
-      sn[j] = static_cast<scalar_t>(vn);
     } else {
-      // gamma_stab_div's arithmetic, its sign selects on the stored values (keep_or_zero)
-      acc_t q_pos, q_neg;
-      gamma_quotients(r, z, z2, q0, eps, mode, q_pos, q_neg);
-      sp[j] = keep_or_zero(z > acc_t(0), static_cast<scalar_t>(q_pos));
-      sn[j] = keep_or_zero(z < acc_t(0), static_cast<scalar_t>(q_neg));
+      gamma_stab_div(r, z, z2, q0, eps, mode, vp, vn);
     }
+    sp[j] = to_storage<scalar_t>(vp);
+    sn[j] = to_storage<scalar_t>(vn);
   }
 }
 
