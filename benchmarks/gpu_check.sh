@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU visit in one call (issue 7): build lrpfast from source against the torch found here, run
-# the CUDA tests, compute-sanitizer memcheck + racecheck on a small subset, then the GPU benchmarks;
-# every log and figure goes to OUT_DIR, and a short summary is printed last.
+# the CUDA tests, the GPU figures, compute-sanitizer memcheck on a small subset, the bench CLI, and
+# racecheck last; every log and figure goes to OUT_DIR, and a short summary is printed last.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR             # on an H100/H200: under 5 minutes (BUDGET_S=290)
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR   # the same steps on the CPU, tiny sizes (CI)
@@ -15,6 +15,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ -x .venv/bin/python ]; then PY=${PYTHON:-$PWD/.venv/bin/python}; else PY=${PYTHON:-python3}; fi
 export PYTHONUNBUFFERED=1
+# benchmarks/*.py import lrpfast from this checkout (its in-place build), whether or not pip installed it
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 declare -a SUMMARY=()
 FAILED=0
 
@@ -31,7 +33,9 @@ step() {  # step NAME LOGFILE CAP_S CMD...: run, log, record pass/fail and durat
     SUMMARY+=("$name: SKIPPED (the ${BUDGET_S} s budget is spent)"); FAILED=1; return 1
   fi
   echo "== $name (cap ${cap} s)" | tee -a "$OUT/steps.log"
-  timeout -k 5 "$cap" "$@" > "$OUT/$log" 2>&1
+  # SIGINT first: pytest still prints its counts and failures, a Python script its traceback (where
+  # it hung) and gpu_figures.py what it measured so far; SIGKILL 5 s later if that is ignored.
+  timeout -s INT -k 5 "$cap" "$@" > "$OUT/$log" 2>&1
   local rc=$?
   local why="FAILED (rc=$rc)"; [ $rc -eq 124 ] && why="TIMED OUT after ${cap} s"
   local line="$name: $([ $rc -eq 0 ] && echo ok || echo "$why") in $((SECONDS - t0)) s  [$log]"
@@ -74,6 +78,8 @@ fi
 step build_info build_info.json 60 "$PY" -c "
 import json, torch, lrpfast
 i = lrpfast.build_info(); print(json.dumps(i, indent=1)); assert i['extension_loaded'], 'extension not loaded'
+# a build that silently left out the CUDA kernels would skip every extension case on the GPU
+assert i['cuda'] or not torch.cuda.is_available(), 'extension built without its CUDA kernels'
 try:
     torch.ops.lrpfast.stab_div(torch.ones(2, 3), torch.ones(4, 5), 1e-6, 'sign')
     raise SystemExit('a bad shape passed the C++ check')
@@ -103,15 +109,21 @@ fi
 
 # ---------------------------------------------------------------- 4. compute-sanitizer
 SAN=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer" 2>/dev/null || true)
+sanitize() {  # sanitize TOOL
+  # Only lrpfast's own kernels are instrumented (kns=lrpfast): cuDNN/cuBLAS are not ours to check.
+  # No caching allocator: each tensor is its own cudaMalloc, so memcheck sees an access past a
+  # tensor's end (inside one of the allocator's 2 MB blocks it would be a valid address).
+  # No API-error reports: CUDA calls that fail by design (torch/driver probing, e.g. cuGetProcAddress
+  # on a newer toolkit) would count as errors; a failed launch of ours raises (csrc/cuda/launch_check.h).
+  step "sanitizer_$1" "sanitizer_$1.log" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$1" \
+    --report-api-errors no --error-exitcode 9 --kernel-name kns=lrpfast \
+    "$PY" benchmarks/sanitizer_smoke.py --device cuda
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1.log" | tail -n 1
+}
 if [ $DRY -eq 1 ] || [ -z "$SAN" ]; then
   step sanitizer_smoke sanitizer_smoke.log 300 "$PY" benchmarks/sanitizer_smoke.py --device cpu
 else
-  # Only lrpfast's own kernels are instrumented (kns=lrpfast): cuDNN/cuBLAS are not ours to check.
-  for tool in memcheck racecheck; do
-    step "sanitizer_$tool" "sanitizer_$tool.log" 60 "$SAN" --tool "$tool" --error-exitcode 9 \
-      --kernel-name kns=lrpfast "$PY" benchmarks/sanitizer_smoke.py --device cuda
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | tail -n 1
-  done
+  sanitize memcheck
 fi
 
 # ---------------------------------------------------------------- 5. the bench CLI on this device
@@ -121,6 +133,11 @@ step bench_cli bench_cli.log 40 "$PY" -m lrpfast.cli bench --device "$DEV" --qui
   --impls lrpfast,lrpfast-fallback,floor --out "$OUT/bench_cli"
 step bench_cli_kernels bench_cli_kernels.log 40 "$PY" -m lrpfast.cli bench --device "$DEV" --quick --kernels \
   --no-plot --no-progress --out "$OUT/bench_cli"
+
+# ---------------------------------------------------------------- 6. racecheck, last
+# racecheck reports shared-memory hazards, and no lrpfast kernel uses shared memory or a barrier
+# (benchmarks/cuda_resources.sh): the least informative step, so the first one the budget cuts.
+if [ $DRY -eq 0 ] && [ -n "$SAN" ]; then sanitize racecheck; fi
 
 {
   echo

@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 
@@ -39,9 +41,10 @@ class Timer:
         return times
 
 
-def kernel_bandwidth(device, nbytes, reps):
+def kernel_bandwidth(device, nbytes, reps, out=None):
+    """Fills and returns `out`: {dtype: {op: figures}}, one dtype at a time."""
     timer = Timer(device)
-    out = {}
+    out = {} if out is None else out
     for dtype in (torch.float32, torch.bfloat16):
         n = nbytes // torch.tensor([], dtype=dtype).element_size()
         es = torch.tensor([], dtype=dtype).element_size()
@@ -117,12 +120,13 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def model_figures(device, name, batch, size, rounds):
+def model_figures(device, name, batch, size, rounds, res=None):
+    """Fills and returns `res`: {dtype: figures}, one dtype at a time."""
     import torchvision
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
-    res = {}
+    res = {} if res is None else res
     x_cpu = torch.randn(batch, 3, size, size)
     # The reference: CPU float64 on the first two samples.
     model64 = getattr(torchvision.models, name)(weights=None).eval()
@@ -166,6 +170,20 @@ def model_figures(device, name, batch, size, rounds):
     return res
 
 
+def profile_table(prof, cuda: bool):
+    """(sort key, top-20 table) of a finished torch.profiler run: by device time on a GPU. The
+    column is "device_time_total" since torch 2.4 ("cuda_time_total" before, still accepted as an
+    alias by newer versions): the first key the installed torch sorts by is used."""
+    keys = ("device_time_total", "cuda_time_total") if cuda else ("cpu_time_total",)
+    errors = []
+    for key in keys:
+        try:
+            return key, prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
+        except Exception as e:  # noqa: BLE001 (a profiler without this column: try the next name)
+            errors.append(f"{key}: {type(e).__name__}: {e}")
+    return keys[0], "(no table: " + "; ".join(errors) + ")"
+
+
 def profile_breakdown(device, name, batch, size, path):
     """Where the time of one ε LRP call and one floor call goes (float32), by kernel: what to tune
     if the ratio to the floor misses. torch.profiler, one call each after a warm-up."""
@@ -179,7 +197,6 @@ def profile_breakdown(device, name, batch, size, path):
         t = m(x).argmax(1)
     lrp = lrpfast.LRP(m)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     out = []
     for label, fn in (("lrpfast", lambda: lrp(x, t)), ("floor", lambda: floor_fn(m, x, t))):
         fn(), fn()
@@ -189,11 +206,9 @@ def profile_breakdown(device, name, batch, size, path):
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+        key, table = profile_table(prof, device.type == "cuda")
         out.append(f"==== {name} float32 b{batch} {label}: top kernels/ops by {key}\n")
-        try:
-            out.append(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
-        except Exception as e:  # noqa: BLE001 (a profiler without this column: keep the figures)
-            out.append(f"(no table: {e})")
+        out.append(table)
         out.append("\n")
     with open(path, "w") as f:
         f.write("".join(out))
@@ -213,29 +228,57 @@ def main():
             # torch's defaults are kept (a user's setting): cuDNN convolutions may use TF32, for the
             # floor and lrpfast alike; the errors below are against float64 under that setting.
             "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}}
-    info["kernels"] = kernel_bandwidth(device, (1 << 20) if tiny else (256 << 20) * 2, 3 if tiny else 20)
-    info["models"] = {}
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    errors = []
+
+    def save():
+        # after every part: a later part that crashes or is cut by the step's time cap (gpu_check.sh)
+        # leaves the figures measured before it on disk
+        lines = summary_lines(info, errors)
+        with open(args.out, "w") as f:
+            json.dump(dict(info, errors=errors), f, indent=1)
+        with open(os.path.join(out_dir, "figures.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return lines
+
+    info["kernels"], info["models"] = {}, {}
+    parts = [("kernels", lambda: kernel_bandwidth(device, (1 << 20) if tiny else (256 << 20) * 2, 3 if tiny else 20,
+                                                  out=info["kernels"]))]
     if hasattr(lrpfast, "LRP"):
-        for name in ("vgg16", "resnet50"):
-            info["models"][name] = model_figures(device, name, 2 if tiny else 64, 32 if tiny else 224,
-                                                 2 if tiny else 10)
-        profile_breakdown(device, "vgg16", 2 if tiny else 64, 32 if tiny else 224,
-                          os.path.join(os.path.dirname(os.path.abspath(args.out)), "profile.txt"))
-    lines = [f"device: {info['device']}  torch {torch.__version__}"]
-    for dt, res in info["kernels"].items():
+        parts += [(name, lambda name=name: model_figures(device, name, 2 if tiny else 64, 32 if tiny else 224,
+                                                         2 if tiny else 10, res=info["models"].setdefault(name, {})))
+                  for name in ("vgg16", "resnet50")]
+        parts.append(("profile", lambda: profile_breakdown(device, "vgg16", 2 if tiny else 64, 32 if tiny else 224,
+                                                           os.path.join(out_dir, "profile.txt"))))
+    try:
+        for name, part in parts:
+            try:  # one part failing (a bug on this device) must not cost the other parts' figures
+                part()
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                errors.append(f"{name}: {type(e).__name__}: {str(e)[:300]}")
+            save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:  # also on KeyboardInterrupt (gpu_check.sh's time cap): what was measured so far
+        lines = save()
+    print("\n".join(lines))
+    return 1 if errors else 0
+
+
+def summary_lines(info, errors=()):
+    lines = [f"device: {info['device']}  torch {info['torch']}"]
+    for dt, res in info.get("kernels", {}).items():
         lines.append(f"kernels {dt}: copy {res['copy']['GB_per_s']:.0f} GB/s; " + "; ".join(
             f"{k} {v['GB_per_s']:.0f} GB/s ({100 * v['fraction_of_copy']:.0f}%)" for k, v in res.items() if k != "copy"))
-    for name, per in info["models"].items():
+    for name, per in info.get("models", {}).items():
         for dt, r in per.items():
             lines.append(f"{name} {dt} b{r['batch']}: floor {1e3 * r['median_s']['floor']:.2f} ms, lrpfast "
                          f"{1e3 * r['median_s']['lrpfast']:.2f} ms, ratio {r['ratio_to_floor']:.3f}; rel err vs CPU f64: "
                          f"lrp {r['rel_err_lrp_vs_cpu_f64']:.1e} (grad {r['rel_err_grad_vs_cpu_f64']:.1e})")
-    with open(args.out, "w") as f:
-        json.dump(info, f, indent=1)
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), "figures.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += [f"FAILED {e}" for e in errors]
+    return lines
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -202,3 +202,78 @@ def test_peak_memory_sees_an_allocation():
     n = 64 * 2**20 // 4
     mem = peak_memory(lambda: torch.ones(n), "cpu")  # 64 MiB, touched
     assert mem["bytes"] >= 60 * 2**20, mem
+
+
+class _FakeCuda:
+    """torch.cuda's event and memory calls, recorded: the CUDA branches of the timing primitives
+    run on a machine without a GPU. The clock is in milliseconds, like CUDA events."""
+
+    def __init__(self):
+        self.calls, self.clock, self.allocated, self.peak = [], 0.0, 1000, 1000
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing, "an event without timing cannot be timed"
+                self.at = None
+
+            def record(self, stream=None):
+                fake.calls.append("record")
+                self.at = fake.clock
+
+            def synchronize(self):
+                fake.calls.append("event sync")
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        self.Event = Event
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "Event", self.Event)
+        for name in ("synchronize", "memory_allocated", "reset_peak_memory_stats", "max_memory_allocated"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+    def synchronize(self, device=None):
+        self.calls.append(("sync", device))
+
+    def memory_allocated(self, device=None):
+        self.calls.append(("allocated", device))
+        return self.allocated
+
+    def reset_peak_memory_stats(self, device=None):
+        self.calls.append(("reset", device))
+        self.peak = self.allocated
+
+    def max_memory_allocated(self, device=None):
+        self.calls.append(("max", device))
+        return self.peak
+
+
+def test_cuda_timer_uses_events_after_a_sync(monkeypatch):
+    from lrpfast.bench.timing import Timer
+
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+
+    def call():
+        fake.clock += 250.0  # ms of device time between the two events
+        return "result"
+
+    assert Timer(torch.device("cuda")).__call__(call) == (pytest.approx(0.25), "result")
+    assert fake.calls == [("sync", None), "record", "record", "event sync"]  # queued work is not timed
+
+
+def test_cuda_peak_memory_reads_the_devices_own_counters(monkeypatch):
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+
+    def call():
+        fake.peak = fake.allocated + 5 * 2**20
+        return torch.empty(0)
+
+    mem = peak_memory(call, "cuda:1")
+    assert mem["bytes"] == 5 * 2**20 and "cuda" in mem["how"]
+    dev = torch.device("cuda", 1)
+    assert [c for c in fake.calls if c != "record"] == [("sync", dev), ("allocated", dev), ("reset", dev),
+                                                         ("sync", dev), ("max", dev)]

@@ -45,7 +45,18 @@ def test_model_map_matches_cpu_float64(name, device, dtype):
         # Random deep networks amplify float32 rounding where ε-stabilised denominators are
         # small: measured 2.4e-4 (vgg16) and 0.9-1.7e-4 (resnet50) on the CPU at 64x64.
         # (tests/conftest.py turns TF32 off, so CUDA float32 is true float32 too.)
-        assert err < 1e-3, err
+        bound = 1e-3
+        if device == "cuda":
+            # cuDNN picks its own float32 algorithms (e.g. Winograd), whose rounding of z the
+            # ε denominators amplify as on the CPU, from a different start. The yardstick there:
+            # the pure-torch fallback on the same device (the same cuDNN convolutions, none of
+            # lrpfast's kernels); the kernels may add at most as much again, and never past 1e-2
+            # (an engine bug shared by both must still fail). (The plain gradient is no yardstick
+            # in float32: no ε denominators; 1.2e-6 where LRP is 1.6e-4 on vgg16 at 32x32.)
+            with lrpfast.use_implementation("fallback"):
+                fallback_err = _rel(lrpfast.LRP(model)(x.to(device, dtype), t.to(device)), ref)
+            bound = min(max(bound, 2 * fallback_err), 1e-2)
+        assert err < bound, (err, bound)
     else:
         # bfloat16: within 2x the error the plain input gradient makes in bfloat16 on this network.
         grad_err = _rel(_floor(model, x.to(device, dtype), t.to(device)), ref_grad)

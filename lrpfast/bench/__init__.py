@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("lrpfast bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # cuda:N: the timing events go on that device's stream
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

@@ -151,12 +151,13 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
     """Peak memory one call of fn adds: {"bytes": int | None, "how": str}."""
     gc.collect()
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        device = torch.device(device)  # cuda:N: that device's counters, not the current device's
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return {"bytes": int(peak), "how": "cuda max_memory_allocated above the allocation before the call"}
     trimmed = _malloc_trim()
