@@ -77,11 +77,19 @@ def machine_info(device: torch.device) -> dict:
 
 
 def _driver_cuda() -> Optional[str]:
+    """The CUDA version the installed driver supports ("13.0"), from the driver library itself
+    (torch has no public call for it); None without a driver."""
+    if not torch.cuda.is_available():
+        return None
     try:
-        v = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
-    except Exception:
-        v = None
-    return None if v is None else f"{v // 1000}.{(v % 1000) // 10}"
+        import ctypes
+
+        v = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v)) != 0 or v.value <= 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return f"{v.value // 1000}.{(v.value % 1000) // 10}"
 
 
 def describe(info: dict) -> str:
