@@ -129,6 +129,10 @@ def pixel_flipping(model: nn.Module, x: torch.Tensor, relevance: torch.Tensor, t
     if r.shape[0] != b or tuple(r.shape[-len(spatial):]) != spatial or r.dim() not in (len(spatial) + 1, len(spatial) + 2):
         raise RelevanceError(f"pixel_flipping: relevance has shape {tuple(r.shape)}, expected {tuple(x.shape)} "
                              f"or (B, 1, ...) / (B, ...) with the spatial size {spatial}")
+    # NaN/Inf would make the region order arbitrary (sorting them) and the curve meaningless
+    for name, t in (("relevance", r), ("x", x)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RelevanceError(f"pixel_flipping: {name} contains NaN or Inf")
     if r.dim() == len(spatial) + 2:
         r = r.sum(1)
     patch = [int(patch_size)] * len(spatial) if isinstance(patch_size, int) else [int(p) for p in patch_size]

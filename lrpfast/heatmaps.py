@@ -131,7 +131,7 @@ def _as_images(inputs, n: int, where: str) -> np.ndarray:
                            f"got shape {tuple(_to_numpy(inputs).shape)}")
     if a.shape[0] != n:
         raise HeatmapError(f"{where}: {a.shape[0]} inputs for {n} relevance maps")
-    a = np.nan_to_num(a)
+    _check_finite(a, where, "the input images")
     lo = a.min(axis=(1, 2, 3), keepdims=True)
     hi = a.max(axis=(1, 2, 3), keepdims=True)
     out_of_range = (lo < 0) | (hi > 1)
@@ -139,6 +139,14 @@ def _as_images(inputs, n: int, where: str) -> np.ndarray:
     a = np.where(out_of_range, (a - lo) / span, a)
     a = np.moveaxis(a, 1, -1)
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+
+
+def _check_finite(a: np.ndarray, where: str, what: str) -> None:
+    """NaN/Inf are reported, never painted over: a picture with them zeroed would look plausible."""
+    if not np.isfinite(a).all():
+        bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+        raise HeatmapError(f"{where}: NaN or Inf in {what} (sample{'s' if len(bad) > 1 else ''} "
+                           f"{', '.join(map(str, bad[:5].tolist()))}{', ...' if len(bad) > 5 else ''})")
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -159,7 +167,7 @@ def _normalize_maps(maps, normalization, percentile, shared_scale, where):
         raise HeatmapError(f"{where}: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if not 0.0 < float(percentile) <= 100.0:
         raise HeatmapError(f"{where}: percentile must be in (0, 100], got {percentile!r}")
-    maps = np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
+    _check_finite(maps, where, "relevance")
     mag = np.abs(maps)
     axes = None if shared_scale else (1, 2)
     scale = np.percentile(mag, percentile, axis=axes, keepdims=True) if percentile < 100 else mag.max(axis=axes, keepdims=True)

@@ -151,3 +151,12 @@ def test_cuda_equals_cpu():
     a = quantus_explain_func(model.cuda(), x.numpy(), np.zeros(4, dtype=np.int64))
     np.testing.assert_allclose(a, lrpfast.LRP(model.cpu())(x, torch.zeros(4, dtype=torch.long)).numpy(),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["relevance", "x"])
+def test_pixel_flipping_reports_non_finite_values(where):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, r = torch.rand(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    (r if where == "relevance" else x)[1, 0, 1, 1] = float("nan")
+    with pytest.raises(RelevanceError, match=f"pixel_flipping: {where} contains NaN or Inf"):
+        lrpfast.pixel_flipping(model, x, r)

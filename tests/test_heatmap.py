@@ -259,3 +259,17 @@ def test_optional_dependencies_stay_optional():
                           env=dict(os.environ, PYTHONPATH=repo))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "asks:" in proc.stdout and "Pillow" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_relevance_or_input_is_reported_not_painted_over(bad):
+    r = torch.randn(3, 1, 8, 8)
+    r[1, 0, 2, 2] = bad
+    with pytest.raises(lrpfast.heatmaps.HeatmapError, match=r"heatmap(_grid)?: NaN or Inf in relevance \(sample 1\)"):
+        lrpfast.heatmap_grid(r)
+    with pytest.raises(lrpfast.heatmaps.HeatmapError, match="NaN or Inf in relevance"):
+        lrpfast.heatmap(r[1])
+    x = torch.rand(3, 1, 8, 8)
+    x[2, 0, 0, 0] = bad
+    with pytest.raises(lrpfast.heatmaps.HeatmapError, match=r"heatmap(_grid)?: NaN or Inf in the input images \(sample 2\)"):
+        lrpfast.heatmap_grid(torch.randn(3, 1, 8, 8), inputs=x)
