@@ -162,3 +162,19 @@ def test_inductor_compiles_a_gamma_box_composite():
     _perturb(model)
     got = compiled(x)
     assert rel_err(got, lrp(x, t)) < 1e-5  # new parameters, same graph
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+def test_composite_with_dynamic_batch_is_one_graph(composite):
+    """dynamic=True with every composite: batches of 3, 5 and 7 through one compile (the modified
+    weights do not depend on the batch), each equal to eager."""
+    model, _, _ = _setup("seed")
+    lrp = _lrp(model, composite)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x: lrp(x), dynamic=True, fullgraph=True, backend=counter)
+    frames = None
+    for b in (3, 5, 7):
+        x = torch.rand(b, 1, 28, 28)
+        assert rel_err(compiled(x), lrp(x)) < 1e-6
+        frames = counter.frame_count if frames is None else frames
+        assert counter.frame_count == frames, f"recompiled for batch {b}"
