@@ -64,12 +64,12 @@ if [ $DRY -eq 1 ]; then
   # CI has just built the package (make test): ninja's incremental in-place build checks it is current.
   step build build.log 900 "$PY" setup.py build_ext --inplace || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 else
-  IMAGE_CXX=${ORIG_CXX:-}
   if ! step build build.log 150 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
     # The system compiler did not build it: once more with the image's own (the check below
     # then says whether its TORCH_CHECKs raise or crash).
-    [ -n "$IMAGE_CXX" ] && [ "$IMAGE_CXX" != "${CXX:-}" ] && export CXX=$IMAGE_CXX CC=${ORIG_CC:-cc} &&
-      step build_image_cxx build_image_cxx.log 150 "$PY" -m pip install --no-build-isolation --no-deps -e . ||
+    if [ -z "$ORIG_CXX" ] || [ "$ORIG_CXX" = "${CXX:-}" ]; then printf '%s\n' "${SUMMARY[@]}"; exit 1; fi
+    export CXX=$ORIG_CXX CC=${ORIG_CC:-cc}
+    step build_image_cxx build_image_cxx.log 150 "$PY" -m pip install --no-build-isolation --no-deps -e . ||
       { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
   fi
 fi

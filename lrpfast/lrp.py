@@ -128,21 +128,6 @@ def _targets(target, logits: torch.Tensor):
     return t, multi
 
 
-def _finite_sum(t: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool: is the sum of t finite? One read of t; NaN and Inf survive a sum (a finite sum can
-    still overflow, so a False is confirmed element-wise before anything is reported)."""
-    return torch.isfinite(t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum())
-
-
-def _check_finite(t: torch.Tensor, message: str) -> None:
-    """Raise RelevanceError(message) if t holds NaN or Inf. One host sync on an accelerator; inside
-    torch.compile an asynchronous assert instead, so the graph does not break."""
-    if torch.compiler.is_compiling():
-        torch._assert_async(_finite_sum(t), message)
-    elif not bool(_finite_sum(t)) and not bool(torch.isfinite(t).all()):
-        raise RelevanceError(message)
-
-
 def _overflow_hint(dtype: torch.dtype) -> str:
     if dtype == torch.float16:
         return ("; float16 tops out at 65504 and relevance divided by a denominator near eps overflows it: "
@@ -296,7 +281,7 @@ class LRP:
         k = t_all.shape[1] if isinstance(t_all, torch.Tensor) and t_all.dim() == 2 else 1
         # NaN/Inf are reported, not propagated in silence: one read of the input here, one of the
         # result below (a finite input can still overflow float16 on the way back).
-        _check_finite(x, "LRP: x contains NaN or Inf")
+        ops.check_finite(x, "LRP: x contains NaN or Inf")
         chunk, group = self._schedule(x, k)
         parts = []
         with torch.no_grad():
@@ -306,7 +291,7 @@ class LRP:
                 tc = t_all[a:a + chunk] if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 else t_all
                 parts.append(self._run(x[a:a + chunk], tc, record, keep_layers, group))
         for p in parts:
-            _check_finite(p.relevance, f"LRP: the {x.dtype} relevance map holds NaN or Inf although x is finite"
+            ops.check_finite(p.relevance, f"LRP: the {x.dtype} relevance map holds NaN or Inf although x is finite"
                           + _overflow_hint(x.dtype))
         if len(parts) == 1:
             return parts[0]

@@ -168,7 +168,7 @@ def test_non_finite_input_is_reported(lrp, bad, call):
 
 def test_finite_tensor_whose_sum_overflows_is_not_reported():
     """The check reads a sum; a sum that overflows is confirmed element-wise before an error."""
-    from lrpfast.lrp import _check_finite
+    from lrpfast.ops import check_finite as _check_finite
 
     for dtype in (torch.float32, torch.bfloat16):  # half types are summed in float32: bfloat16 can overflow it
         big = torch.full((4, 1000), torch.finfo(dtype).max / 2, dtype=dtype)

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../common/relevance_math.h"
@@ -56,6 +57,15 @@ inline int sm_count() {
     return n > 0 ? n : 80;
   }();
   return count;
+}
+
+// Threads per block of the grid-stride launchers.
+constexpr int kBlockThreads = 256;
+
+// Blocks for `work` grid-stride steps: enough to fill every SM several times over; the loop
+// covers the rest.
+inline int64_t grid_blocks(int64_t work) {
+  return std::min<int64_t>((work + kBlockThreads - 1) / kBlockThreads, int64_t(sm_count()) * 16);
 }
 
 // Calls f(T{}) with the storage type of a dtype code; false for an unknown code.

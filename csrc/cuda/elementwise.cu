@@ -51,14 +51,11 @@ cudaError_t launch_typed(const ElementwiseParams& p, cudaStream_t stream) {
   const int64_t total = p.rows * p.n;
   const bool vec_ok = aligned16(p.out) && aligned16(p.a) && aligned16(p.b) && aligned16(p.c) &&
                       total % kVec == 0 && (p.k == 1 || p.n % kVec == 0);
-  constexpr int kThreads = 256;
-  const int64_t work = vec_ok ? total / kVec : total;
-  // Enough blocks to fill every SM several times over; the grid-stride loop covers the rest.
-  const int64_t blocks = std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(sm_count()) * 16);
+  const int64_t blocks = grid_blocks(vec_ok ? total / kVec : total);
   if (vec_ok) {
-    elementwise_kernel<OP, T, kVec><<<blocks, kThreads, 0, stream>>>(p);
+    elementwise_kernel<OP, T, kVec><<<blocks, kBlockThreads, 0, stream>>>(p);
   } else {
-    elementwise_kernel<OP, T, 1><<<blocks, kThreads, 0, stream>>>(p);
+    elementwise_kernel<OP, T, 1><<<blocks, kBlockThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

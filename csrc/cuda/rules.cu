@@ -86,7 +86,6 @@ __global__ void rule_kernel(RuleParams p) {
 
 template <RuleOp OP>
 cudaError_t launch_op(const RuleParams& p, cudaStream_t stream) {
-  constexpr int kThreads = 256;
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -95,13 +94,11 @@ cudaError_t launch_op(const RuleParams& p, cudaStream_t stream) {
     // bases every access is then aligned. Otherwise (odd blocks, offset views) one element a step.
     const bool vec_ok = p.block % kVec == 0 && aligned16(p.out) && aligned16(p.a) && aligned16(p.s1) &&
                         aligned16(p.s2) && aligned16(p.low) && aligned16(p.high);
-    const int64_t work = p.rows * p.n / (vec_ok ? kVec : 1);
-    // Enough blocks to fill every SM several times over; the grid-stride loop covers the rest.
-    const int64_t blocks = std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(sm_count()) * 16);
+    const int64_t blocks = grid_blocks(p.rows * p.n / (vec_ok ? kVec : 1));
     if (vec_ok) {
-      rule_kernel<OP, T, kVec><<<blocks, kThreads, 0, stream>>>(p);
+      rule_kernel<OP, T, kVec><<<blocks, kBlockThreads, 0, stream>>>(p);
     } else {
-      rule_kernel<OP, T, 1><<<blocks, kThreads, 0, stream>>>(p);
+      rule_kernel<OP, T, 1><<<blocks, kBlockThreads, 0, stream>>>(p);
     }
     err = cudaGetLastError();
   });
