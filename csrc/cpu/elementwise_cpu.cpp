@@ -68,7 +68,10 @@ at::Tensor run(const char* name, const at::Tensor& a, const at::Tensor& b, const
     with_stabilizer(args.stabilizer, [&](auto mode_constant) {
       constexpr int32_t mode = decltype(mode_constant)::value;
       for_each_run(args, [&](int64_t i0, int64_t i1, int64_t off) {
-        run_span<op, mode, scalar_t>(out + i0, pa + i0, pb + off + i0, pc ? pc + off + i0 : nullptr, i1 - i0, e);
+        run_spans<scalar_t>(std::array{out + i0}, std::array{pa + i0, pb + off + i0, pc ? pc + off + i0 : nullptr},
+                            i1 - i0, [&](const auto& o, const auto& in, int64_t m) {
+                              run_span<op, mode, span_t<decltype(o)>>(o[0], in[0], in[1], in[2], m, e);
+                            });
       });
     });
   });

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
+#include <type_traits>
 
 #include "../rule_args.h"
 #include "vectorize.h"
@@ -28,24 +30,49 @@ void for_each_block(const PairedArgs& a, Body body) {
 #define LRPFAST_DISPATCH(T, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
 
+template <typename scalar_t>
+LRPFAST_CPU_CLONES void split_span(scalar_t* __restrict__ pos, scalar_t* __restrict__ neg,
+                                   const scalar_t* __restrict__ src, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(src[j]);
+    pos[j] = to_storage<scalar_t>(positive_part(v));
+    neg[j] = to_storage<scalar_t>(negative_part(v));
+  }
+}
+
 at::Tensor sign_split_cpu(const at::Tensor& x, int64_t dim, int64_t groups) {
   auto a = prepare_sign_split(x, dim, groups);
   LRPFAST_DISPATCH(x.scalar_type(), "sign_split", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* px = a.a.const_data_ptr<scalar_t>();
     scalar_t* po = a.out.data_ptr<scalar_t>();
     for_each_block(a, [&](int64_t row, int64_t blk) {
-      const scalar_t* __restrict__ src = px + row * a.n + blk * a.block;
-      scalar_t* __restrict__ pos = po + row * 2 * a.n + blk * 2 * a.block;
-      scalar_t* __restrict__ neg = pos + a.block;
-      for (int64_t j = 0; j < a.block; ++j) {
-        const acc_t v = static_cast<acc_t>(src[j]);
-        pos[j] = static_cast<scalar_t>(positive_part(v));
-        neg[j] = static_cast<scalar_t>(negative_part(v));
-      }
+      scalar_t* pos = po + row * 2 * a.n + blk * 2 * a.block;
+      run_spans<scalar_t>(std::array{pos, pos + a.block}, std::array{px + row * a.n + blk * a.block}, a.block,
+                          [](const auto& o, const auto& in, int64_t m) {
+                            split_span<span_t<decltype(o)>>(o[0], o[1], in[0], m);
+                          });
     });
   });
   return a.out;
+}
+
+// The product of the z+ rule (kBounds false: x+ c_pos + x- c_neg) or of z^B
+// ((x - low) c_pos + (x - high) c_neg), over one block.
+template <bool kBounds, typename scalar_t>
+LRPFAST_CPU_CLONES void mul_span(scalar_t* __restrict__ out, const scalar_t* __restrict__ cp,
+                                 const scalar_t* __restrict__ cn, const scalar_t* __restrict__ xs,
+                                 const scalar_t* __restrict__ lo, const scalar_t* __restrict__ hi, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t c_pos = static_cast<acc_t>(cp[j]), c_neg = static_cast<acc_t>(cn[j]), x = static_cast<acc_t>(xs[j]);
+    if constexpr (kBounds) {
+      out[j] = to_storage<scalar_t>(
+          bounds_mul_input(c_pos, c_neg, x, static_cast<acc_t>(lo[j]), static_cast<acc_t>(hi[j])));
+    } else {
+      out[j] = to_storage<scalar_t>(sign_split_mul_input(c_pos, c_neg, x));
+    }
+  }
 }
 
 template <bool kBounds>
@@ -53,7 +80,6 @@ at::Tensor paired_mul(const char* op, const at::Tensor& c, const at::Tensor& x, 
                       const at::Tensor& high, int64_t dim, int64_t groups) {
   auto a = prepare_paired_mul(op, c, x, low, high, dim, groups);
   LRPFAST_DISPATCH(c.scalar_type(), "lrpfast_paired_mul_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pc = a.a.const_data_ptr<scalar_t>();
     const scalar_t* px = a.s1.const_data_ptr<scalar_t>();
     const scalar_t* plo = kBounds ? a.low.const_data_ptr<scalar_t>() : nullptr;
@@ -61,25 +87,19 @@ at::Tensor paired_mul(const char* op, const at::Tensor& c, const at::Tensor& x, 
     scalar_t* po = a.out.data_ptr<scalar_t>();
     for_each_block(a, [&](int64_t row, int64_t blk) {
       const int64_t srow = shared_row(row, a.k);
-      const scalar_t* __restrict__ cp = pc + row * 2 * a.n + blk * 2 * a.block;
-      const scalar_t* __restrict__ cn = cp + a.block;
-      const scalar_t* __restrict__ xs = px + srow * a.n + blk * a.block;
-      scalar_t* __restrict__ out = po + row * a.n + blk * a.block;
+      const scalar_t* cp = pc + row * 2 * a.n + blk * 2 * a.block;
+      const scalar_t* lo = nullptr;
+      const scalar_t* hi = nullptr;
       if constexpr (kBounds) {
-        const int64_t brow = a.bound_rows == 1 ? 0 : srow;
-        const scalar_t* __restrict__ lo = plo + brow * a.n + blk * a.block;
-        const scalar_t* __restrict__ hi = phi + brow * a.n + blk * a.block;
-        for (int64_t j = 0; j < a.block; ++j) {
-          out[j] = static_cast<scalar_t>(bounds_mul_input(static_cast<acc_t>(cp[j]), static_cast<acc_t>(cn[j]),
-                                                          static_cast<acc_t>(xs[j]), static_cast<acc_t>(lo[j]),
-                                                          static_cast<acc_t>(hi[j])));
-        }
-      } else {
-        for (int64_t j = 0; j < a.block; ++j) {
-          out[j] = static_cast<scalar_t>(sign_split_mul_input(static_cast<acc_t>(cp[j]), static_cast<acc_t>(cn[j]),
-                                                              static_cast<acc_t>(xs[j])));
-        }
+        const int64_t bound = (a.bound_rows == 1 ? 0 : srow) * a.n + blk * a.block;
+        lo = plo + bound;
+        hi = phi + bound;
       }
+      run_spans<scalar_t>(std::array{po + row * a.n + blk * a.block},
+                          std::array{cp, cp + a.block, px + srow * a.n + blk * a.block, lo, hi}, a.block,
+                          [](const auto& o, const auto& in, int64_t m) {
+                            mul_span<kBounds, span_t<decltype(o)>>(o[0], in[0], in[1], in[2], in[3], in[4], m);
+                          });
     });
   });
   return a.out;
@@ -135,8 +155,11 @@ at::Tensor paired_div(const char* op, const at::Tensor& r, const at::Tensor& z, 
       for_each_block(a, [&](int64_t row, int64_t blk) {
         const int64_t off = shared_row(row, k) * n + blk * block;
         scalar_t* sp = po + row * 2 * n + blk * 2 * block;
-        div_span<rule, mode, scalar_t>(sp, sp + block, pr + row * n + blk * block, pz + off, pz2 + off, block, q0, q1,
-                                       e);
+        run_spans<scalar_t>(std::array{sp, sp + block}, std::array{pr + row * n + blk * block, pz + off, pz2 + off},
+                            block, [&](const auto& o, const auto& in, int64_t m) {
+                              using T = span_t<decltype(o)>;
+                              div_span<rule, mode, T>(o[0], o[1], in[0], in[1], in[2], m, q0, q1, e);
+                            });
       });
     });
   });
