@@ -4,6 +4,8 @@
     call = forward(plan, x, fuse_pools)                    logits; every step saves what it needs
     rel  = relevance(plan, call, r0, record)               relevance at the input, K*B rows
 
+Transformer nodes (LayerNorm, attention) have their steps in lrpfast/transformer.py.
+
 Tracing is torch.fx's symbolic tracing, with every layer lrpfast has a rule for kept as one node
 (also subclasses of those layers and lrpfast's rel* wrappers). Nested containers are traced
 through; a module called twice gives two nodes (two steps, two entries in the per-layer report).
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
+from . import transformer as T
 from .ops import RelevanceError
 
 # ============================================================================= what has a rule
@@ -70,17 +73,27 @@ _MAXPOOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.max_p
 _AVGPOOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _ADAPTIVE_AVG_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 
+_LAYER_NORM_FUNCTIONS = (F.layer_norm, torch.layer_norm)
+_SDPA_FUNCTIONS = (F.scaled_dot_product_attention,)
+
 SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d-3d, "
              "elementwise activations (ReLU, ReLU6, LeakyReLU, GELU, SiLU, Tanh, Sigmoid, ...), Dropout, Identity, "
              "Flatten/Unflatten, residual add, torch.cat, mean over non-batch dims, "
-             "view/reshape/flatten/squeeze/unsqueeze/permute/transpose/contiguous")
+             "view/reshape/flatten/squeeze/unsqueeze/permute/transpose/contiguous, "
+             "LayerNorm (module, F.layer_norm), MultiheadAttention (module; output [0]), "
+             "F.scaled_dot_product_attention, basic indexing x[:, ...] (ints, slices, None, ...), "
+             "parameters and tensors computed from them only (expand, ...; constants: no relevance), torch._assert")
 
 _LEAVES = (nn.Linear, *_CONV, *canonize.BATCH_NORMS, *_MAXPOOL, *_AVGPOOL, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX, *_DROPOUT,
-           *_ACTIVATIONS, nn.Flatten, nn.Unflatten, rel_layers._RelLayer)
+           *_ACTIVATIONS, nn.Flatten, nn.Unflatten, nn.LayerNorm, nn.MultiheadAttention, rel_layers._RelLayer)
 
 
 class _Tracer(fx.Tracer):
-    """Keeps every layer with a rule as one node, including user subclasses of those layers."""
+    """Keeps every layer with a rule as one node, including user subclasses of those layers.
+    Buffers read by the forward become graph nodes (constants), like parameters: a mask buffer
+    expanded to the batch size (a traced value) must be traced itself."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
@@ -252,6 +265,13 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
         deps = tensor_deps((node.args, node.kwargs))
         return deps and all(not steps[d].tensor_output for d in deps)
 
+    def const_only(node):
+        """Computed from parameters/buffers (and shapes) only: a constant, no relevance."""
+        deps = tensor_deps((node.args, node.kwargs))
+        const = [d for d in deps if isinstance(steps[d], N.ConstStep)]
+        return (const or not deps) and all(isinstance(steps[d], N.ConstStep) or not steps[d].tensor_output
+                                           for d in deps)
+
     def first_node_arg(node):
         a = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         if not isinstance(a, fx.Node):
@@ -274,8 +294,11 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
         elif node.op == "call_module":
             _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg)
         elif node.op in ("call_function", "call_method"):
-            if meta_only(node) or _is_meta_call(node):
+            if meta_only(node) or _is_meta_call(node) or (node.op == "call_function" and node.target is torch._assert):
                 add(N.MetaStep(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load), node)
+            elif const_only(node):
+                add(N.ConstExprStep(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load,
+                                    _target_name(node)), node)
             else:
                 _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         elif node.op == "output":
@@ -314,8 +337,10 @@ def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
             step.load = lambda env, a, k, step=step: ((env[step.src],), {})
             return add(step, node, first_node_arg(node))
         m = m.module
-    src = first_node_arg(node)
     steps = plan.steps
+    if isinstance(m, nn.MultiheadAttention):
+        return _attention_step(plan, node, m, index, add, eps, stabilizer)
+    src = first_node_arg(node)
     if len([a for a in node.args if isinstance(a, fx.Node)]) + len(node.kwargs) != 1:
         raise RelevanceError(f"LRP: node {node.name!r} calls {type(m).__name__} with more than one argument")
     if isinstance(m, nn.Linear) or isinstance(m, _CONV):
@@ -362,6 +387,11 @@ def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
                 step.zero_at_zero = zero
             step.nonnegative_output = nonneg
             return add(step, node, src)
+    if isinstance(m, nn.LayerNorm):
+        affine = lambda env, m=m: (None if m.weight is None else m.weight.detach(),  # noqa: E731
+                                   None if m.bias is None else m.bias.detach())
+        return add(T.LayerNormStep(node.name, m.normalized_shape, m.eps, affine, eps, stabilizer, type(m).__name__),
+                   node, src)
     if isinstance(m, (nn.Flatten, nn.Unflatten)):
         step = N.ReshapeStep(node.name, m, None, None, None, type(m).__name__)
         step.load = lambda env, a, k, step=step: ((env[step.src],), {})
@@ -369,6 +399,71 @@ def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
     raise RelevanceError(
         f"LRP: node {node.name!r} calls module {node.target!r} ({type(m).__name__}), which has no relevance rule. "
         f"Supported: {SUPPORTED}")
+
+
+def _constant_tensor(plan, node, index, what, a):
+    """A mask or an affine parameter: None, or a tensor the graph computes from constants only."""
+    if a is None:
+        return None
+    if isinstance(a, fx.Node):
+        if not isinstance(plan.steps[index[a]], N.ConstStep):
+            raise RelevanceError(f"LRP: node {node.name!r}: {what} is computed from the input ({a.name!r}); only "
+                                 "constant (parameter/buffer) values are supported there")
+        return _Ref(index[a])
+    if isinstance(a, torch.Tensor):
+        return a
+    raise RelevanceError(f"LRP: node {node.name!r}: {what} must be a tensor or None, got {type(a).__name__}")
+
+
+def _loader(fixed: dict):
+    """env -> the bound arguments, step references resolved."""
+    return lambda env: {k: env[v.i] if isinstance(v, _Ref) else v for k, v in fixed.items()}
+
+
+def _attention_inputs(plan, node, index, b, masks):
+    qkv = {}
+    for k in ("query", "key", "value"):
+        if not isinstance(b.get(k), fx.Node):
+            raise RelevanceError(f"LRP: node {node.name!r}: {k} must be a tensor computed in the graph")
+        qkv[k] = _Ref(index[b[k]])
+    for k in masks:
+        qkv[k] = _constant_tensor(plan, node, index, k, b.get(k))
+    return qkv
+
+
+def _attention_step(plan, node, m, index, add, eps, stabilizer):
+    b = _bind(node, ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                     "is_causal"],
+              {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
+               "is_causal": False})
+    fixed = _attention_inputs(plan, node, index, b, ("key_padding_mask", "attn_mask"))
+    for k in ("need_weights", "average_attn_weights", "is_causal"):
+        fixed[k] = bool(_constant(node, k, b[k]))
+    if fixed["is_causal"] and b["attn_mask"] is None:
+        raise RelevanceError(f"LRP: node {node.name!r}: is_causal=True needs attn_mask (nn.MultiheadAttention "
+                             "takes it as a hint only)")
+    step = T.MultiheadAttentionStep(node.name, m, _loader(fixed), eps, stabilizer)
+    add(step, node, b["value"])
+    step.value_src = step.src
+    step.qkv_steps = [fixed[k].i for k in ("query", "key", "value")]
+    return step
+
+
+def _sdpa_step(plan, node, index, add, eps, stabilizer):
+    b = _bind(node, ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"],
+              {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
+    fixed = _attention_inputs(plan, node, index, b, ("attn_mask",))
+    if _constant(node, "dropout_p", b["dropout_p"]) != 0:
+        raise RelevanceError(f"LRP: node {node.name!r} (scaled_dot_product_attention) has dropout_p="
+                             f"{b['dropout_p']}; LRP explains a deterministic function (dropout_p=0, as in eval)")
+    if _constant(node, "enable_gqa", b["enable_gqa"]):
+        raise RelevanceError(f"LRP: node {node.name!r} (scaled_dot_product_attention) uses enable_gqa=True, which has "
+                             "no relevance rule")
+    step = T.ScaledDotProductAttentionStep(node.name, _loader(fixed), _constant(node, "is_causal", b["is_causal"]),
+                                           _constant(node, "scale", b["scale"]), eps, stabilizer)
+    add(step, node, b["value"])
+    step.value_src = step.src
+    return step
 
 
 def _max_pool_step(name, dims, m, kind):
@@ -484,16 +579,43 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         step = N.MeanStep(name, dims, bool(_constant(node, "keepdim", b["keepdim"])), eps, stabilizer)
         return add(step, node, b["input"])
 
-    # ---- tuple outputs
+    # ---- transformers
+    if not is_method and t in _LAYER_NORM_FUNCTIONS:
+        b = _bind(node, ["input", "normalized_shape", "weight", "bias", "eps"],
+                  {"weight": None, "bias": None, "eps": 1e-5})
+        shape = _constant(node, "normalized_shape", b["normalized_shape"])
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        wb = (_constant_tensor(plan, node, index, "weight", b["weight"]),
+              _constant_tensor(plan, node, index, "bias", b["bias"]))
+        affine = lambda env, wb=wb: tuple(env[v.i] if isinstance(v, _Ref) else v for v in wb)  # noqa: E731
+        step = T.LayerNormStep(name, shape, _constant(node, "eps", b["eps"]), affine, eps, stabilizer, what)
+        return add(step, node, b["input"])
+    if not is_method and t in _SDPA_FUNCTIONS:
+        return _sdpa_step(plan, node, index, add, eps, stabilizer)
+
+    # ---- tuple outputs and indexing
     if not is_method and t is operator.getitem and isinstance(node.args[0], fx.Node):
         producer = steps[index[node.args[0]]]
-        if isinstance(producer, N.MaxPoolStep) and producer.returns_indices and isinstance(node.args[1], int):
-            step = N.GetItemStep(name, node.args[1])
-            if node.args[1] != 0:
-                step.tensor_output = False  # the indices carry no relevance
+        item = node.args[1]
+        if isinstance(producer, (N.MaxPoolStep, T.MultiheadAttentionStep)) and isinstance(item, int):
+            if isinstance(producer, N.MaxPoolStep) and not producer.returns_indices:
+                raise RelevanceError(f"LRP: node {name!r} indexes the output of max pooling {producer.name!r} "
+                                     "without return_indices; indexing a pooled tensor needs x[:, ...]")
+            step = N.GetItemStep(name, item)
+            if item != 0:
+                step.tensor_output = False  # the pooling's indices, the attention weights: no relevance
             return add(step, node, node.args[0])
-        raise RelevanceError(f"LRP: node {name!r} indexes or slices a tensor ({what}); slicing has no relevance "
-                             f"rule. Supported: {SUPPORTED}")
+        if not producer.tensor_output:
+            raise RelevanceError(f"LRP: node {name!r} ({what}) indexes {producer.describe()}, which is not a tensor")
+        index_nodes = []
+        fx.node.map_arg(item, index_nodes.append)
+        advanced = [a.name for a in index_nodes if steps[index[a]].tensor_output]
+        entries = item if isinstance(item, tuple) else (item,)
+        if advanced or any(isinstance(e, (list, tuple, bool, torch.Tensor)) for e in entries):
+            raise RelevanceError(f"LRP: node {name!r} indexes with a tensor, list or bool "
+                                 f"({', '.join(advanced) or repr(item)}): advanced indexing has no relevance rule; "
+                                 "basic indexing (ints, slices, None, ...) keeping the batch dim is supported")
+        return add(N.IndexStep(name, ref((item,)), _load), node, node.args[0])
 
     raise RelevanceError(f"LRP: node {name!r} calls {what}, which has no relevance rule. Supported: {SUPPORTED}")
 
@@ -598,6 +720,14 @@ def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optiona
     for s in steps:
         i = s.index
         if i != plan.input:
+            if call.bdim and not s.batch_anywhere:
+                moved = next((j for j in s.deps if call.bdim.get(j, 0)), None)
+                if moved is not None:
+                    raise RelevanceError(
+                        f"LRP: {s.describe()} needs the batch dimension first, but {steps[moved].describe()} has it "
+                        f"at dim {call.bdim[moved]}. With the batch elsewhere (sequence-first transformers) "
+                        "supported are: Linear, LayerNorm, elementwise activations, Dropout, residual add, "
+                        "nn.MultiheadAttention(batch_first=False), basic indexing, permute/transpose")
             try:
                 env[i] = s.forward(env, call)
             except RelevanceError:
@@ -606,12 +736,18 @@ def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optiona
                 shapes = [tuple(env[j].shape) for j in s.deps if isinstance(env[j], torch.Tensor)]
                 raise RelevanceError(f"LRP: {s.describe()} failed on input(s) of shape "
                                      f"{', '.join(map(str, shapes)) or '()'}: {exc}") from exc
+            if call.bdim and s.batch_anywhere and i not in call.bdim and s.src is not None \
+                    and call.bdim.get(s.src, 0) and not isinstance(s, (N.PermuteStep, N.IndexStep)):
+                call.bdim[i] = call.bdim[s.src]  # layout-preserving: the batch stays where it was
         if sizes is not None and i != plan.input and not isinstance(s, N.ConstStep):
             v = env[i]
             sizes.extend(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,))
                          if isinstance(t, torch.Tensor))
         for j in free_after[i]:
             env[j] = None
+    if call.bdim.get(plan.output, 0):
+        raise RelevanceError(f"LRP: the model output ({steps[plan.output].describe()}) has the batch at dim "
+                             f"{call.bdim[plan.output]}; expected logits (B, classes)")
     call.logits = env[plan.output]
     return call
 

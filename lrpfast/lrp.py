@@ -33,7 +33,8 @@ class Explanation:
     relevance     relevance at the input: x's shape, or (B, K, *x.shape[1:]) for (B, K) targets
     logits        the model output (B, classes)
     targets       the explained classes: (B,) or (B, K)
-    layers        node name -> relevance at that node's input (a tuple for add/cat nodes), or
+    layers        node name -> relevance at that node's input (a tuple for add/cat nodes with
+                  several non-constant inputs; constants such as a class token get none), or
                   None unless keep_layers=True. A BatchNorm folded into the Linear/Conv before it
                   has no entry of its own (that layer's entry covers both).
     conservation  node name -> Σ R per sample, (B,) or (B, K): at each node's input, plus
@@ -142,7 +143,8 @@ class LRP:
                      into copies of the weights, recomputed if the model's parameters change)
     eps, stabilizer  the ε rule's stabiliser: stab(z) = z + eps·sign(z) ("sign", sign(0) = +1) or
                      z + eps ("plus", the seed's); used by the default rule and by the parameter-free
-                     steps (residual adds, average pooling, unfolded BatchNorm)
+                     steps (residual adds, average pooling, unfolded BatchNorm, LayerNorm) and inside
+                     attention (its value and output projections: composites do not reach them)
     init             initial relevance: the target logit ("logit", the seed's choice) or 1 ("onehot")
     composite        None (ε everywhere), a name or user mapping for
                      lrpfast.composites.get(composite, eps=eps, stabilizer=stabilizer, **composite_params),

@@ -13,6 +13,12 @@ The whole-model pass (lrpfast/graph.py) runs `forward` for every step in graph o
 
 `owned` says that `a` is a temporary of this pass that a step may overwrite in place. x and z are
 shared by the K maps of a sample: a relevance tensor has K*B rows (row b*K + k), x and z have B.
+
+The batch dimension of a forward tensor may sit elsewhere than dim 0 (a sequence-first transformer:
+x.transpose(0, 1) before nn.MultiheadAttention(batch_first=False)). `Call.bdim` records where, for
+the steps whose output has it elsewhere; only steps with `batch_anywhere` accept such inputs, and
+messages stay batch-first (K*B rows leading) whatever the forward layout: those steps save their
+x and z as batch-first views (`Call.batch_first`).
 """
 from __future__ import annotations
 
@@ -89,7 +95,7 @@ def relevance_sum(msg: Msg, b: int) -> torch.Tensor:
 class Call:
     """The state of one call: what each step saved in its forward, denominators asked for."""
 
-    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits")
+    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits", "bdim")
 
     def __init__(self, steps, fuse_pools: bool):
         self.steps = steps
@@ -97,6 +103,12 @@ class Call:
         self.dens = {}
         self.fuse_pools = fuse_pools
         self.logits = None
+        self.bdim = {}   # step index -> the batch dim of its output, where it is not 0
+
+    def batch_first(self, i: int, t):
+        """Step i's output t (or a tensor laid out like it) as a batch-first view."""
+        d = self.bdim.get(i, 0)
+        return t.movedim(d, 0) if d and isinstance(t, torch.Tensor) else t
 
     def denominator(self, index: int):
         if index not in self.dens:
@@ -116,6 +128,7 @@ class Step:
     tensor_output = True        # False for shape arithmetic (x.size(0))
     fresh_output = False        # the forward allocates its output (a ReLU may rectify it in place)
     has_denominator = False     # its relevance step starts with s = R / stab(z')
+    batch_anywhere = False      # accepts inputs whose batch dim is not dim 0 (module docstring)
 
     def __init__(self, name: str):
         self.name = name
@@ -167,11 +180,26 @@ class ConstStep(Step):
         return v.detach() if isinstance(v, torch.Tensor) else v
 
 
+class ConstExprStep(ConstStep):
+    """A tensor computed from constants only (a class token expanded to the batch, a mask built
+    from a buffer): a constant like the parameter it comes from, it receives no relevance. Where
+    it enters a sum or a concatenation it absorbs its share like a bias."""
+
+    def __init__(self, name, fn, args, kwargs, load, op):
+        super().__init__(name, None)
+        self.fn, self.args, self.kwargs, self.load, self.op = fn, args, kwargs, load, op
+
+    def forward(self, env, call):
+        args, kwargs = self.load(env, self.args, self.kwargs)
+        return self.fn(*args, **kwargs)
+
+
 class MetaStep(Step):
     """Shape arithmetic (x.size(0), x.shape, x.dim(), ints combined): no relevance."""
 
     op = "shape arithmetic"
     tensor_output = False
+    batch_anywhere = True
 
     def __init__(self, name, fn, args, kwargs, load):
         super().__init__(name)
@@ -204,6 +232,7 @@ class ContractionStep(Step):
         self.output_feeds_relu = False
         self._stamp = None
         self._wb = None
+        self.batch_anywhere = kind == "linear"   # over the last dim: any leading layout
         if kind == "conv":
             if getattr(module, "padding_mode", "zeros") != "zeros":
                 raise RelevanceError(f"LRP: {self.describe()} has padding_mode={module.padding_mode!r}; only "
@@ -251,7 +280,7 @@ class ContractionStep(Step):
                                      f"outputs, got {tuple(z.shape)}")
         else:
             z = self.conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-        call.saved[self.index] = self.context(x, z, w, b)
+        call.saved[self.index] = self.context(call.batch_first(self.src, x), call.batch_first(self.src, z), w, b)
         return z
 
     def denominator(self, call):
@@ -447,6 +476,7 @@ class AddStep(_EpsilonStep):
     constant summand (a parameter, a number) absorbs its share like a bias."""
 
     op = "add"
+    batch_anywhere = True
 
     def __init__(self, name, fn, args, kwargs, load, eps, stabilizer):
         super().__init__(name, eps, stabilizer)
@@ -461,7 +491,14 @@ class AddStep(_EpsilonStep):
                     and not isinstance(call.steps[i], ConstStep):
                 raise RelevanceError(f"LRP: {self.describe()} broadcasts a summand of shape {tuple(t.shape)} to "
                                      f"{tuple(z.shape)}; only same-shape residual additions are supported")
-        call.saved[self.index] = (operands, z)
+        dims = {call.bdim.get(i, 0) for i in self.inputs if not isinstance(call.steps[i], ConstStep)}
+        if len(dims) > 1:
+            raise RelevanceError(f"LRP: {self.describe()} adds tensors with the batch at different dims {sorted(dims)}")
+        d = dims.pop() if dims else 0
+        if d:  # save batch-first views (a constant summand receives nothing: leave it)
+            call.bdim[self.index] = d
+            operands = [t.movedim(d, 0) if isinstance(t, torch.Tensor) and t.shape == z.shape else t for t in operands]
+        call.saved[self.index] = (operands, z.movedim(d, 0) if d else z)
         return z
 
     def relprop(self, msg, call):
@@ -537,6 +574,8 @@ class PassStep(Step):
     the plan allows it (lrpfast.graph: the input's producer tolerates it and no relevance can
     arrive where the ReLU outputs 0). Passes a DIVIDED message too (max pooling above a layer)."""
 
+    batch_anywhere = True
+
     def __init__(self, name, fn, args, kwargs, load, op, zero_at_zero, is_relu=False, identity=False):
         super().__init__(name)
         self.fn, self.args, self.kwargs, self.load, self.op = fn, args, kwargs, load, op
@@ -592,7 +631,10 @@ class ReshapeStep(Step):
 
 
 class PermuteStep(Step):
-    """permute / transpose that keep the batch dimension first: relevance permuted back."""
+    """permute / transpose: relevance permuted back. The batch dimension may move (a
+    sequence-first block); the messages stay batch-first on both sides."""
+
+    batch_anywhere = True
 
     def __init__(self, name, fn, args, kwargs, load, op, perm_of):
         super().__init__(name)
@@ -603,20 +645,23 @@ class PermuteStep(Step):
         x = env[self.src]
         args, kwargs = self.load(env, self.args, self.kwargs)
         perm = self.perm_of(x.dim(), args, kwargs)
-        if perm[0] != 0:
-            raise RelevanceError(f"LRP: {self.describe()} moves the batch dimension (permutation {perm})")
-        inverse = [0] * len(perm)
-        for i, p in enumerate(perm):
-            inverse[p] = i
-        call.saved[self.index] = (x, inverse)
+        d_in = call.bdim.get(self.src, 0)
+        d_out = perm.index(d_in)
+        if d_out:
+            call.bdim[self.index] = d_out
+        # batch-first message above -> batch-first message below, as one permutation
+        out_layout = list(range(1, d_out + 1)) + [0] + list(range(d_out + 1, len(perm)))  # movedim(0, d_out)
+        above = [out_layout[p] for p in [perm.index(i) for i in range(len(perm))]]      # then the inverse
+        back = [above[i] for i in [d_in] + [j for j in range(len(perm)) if j != d_in]]    # then movedim(d_in, 0)
+        call.saved[self.index] = (call.batch_first(self.src, x), back)
         return x.permute(perm)
 
     def relprop(self, msg, call):
-        x, inverse = call.saved[self.index]
+        x, back = call.saved[self.index]
         if msg.kind == LAZY:
-            return [(self.src, Msg(LAZY, msg.a.permute(inverse), x, msg.owned))]
+            return [(self.src, Msg(LAZY, msg.a.permute(back), x, msg.owned))]
         r = materialize(msg)
-        return [(self.src, Msg(DENSE, r.permute(inverse), None, msg.owned or msg.kind != DENSE))]
+        return [(self.src, Msg(DENSE, r.permute(back), None, msg.owned or msg.kind != DENSE))]
 
     def zero_preserving(self, plan):
         return plan.users_zero_preserving(self.index)
@@ -660,6 +705,7 @@ class GetItemStep(Step):
     """(output, indices)[0] of a max pooling with return_indices=True."""
 
     op = "getitem"
+    batch_anywhere = True
 
     def __init__(self, name, item):
         super().__init__(name)
@@ -674,6 +720,82 @@ class GetItemStep(Step):
 
     def zero_preserving(self, plan):
         return self.item != 0 or plan.users_zero_preserving(self.index)
+
+
+class IndexStep(Step):
+    """Basic indexing x[idx] (ints, slices, None, Ellipsis) that keeps the batch dimension whole:
+    the relevance is scattered back into zeros of the input's shape (K*B rows; the index's batch
+    entry is a full slice, so it applies to the K maps of every sample alike). A pending product
+    stays pending: scatter(y ⊙ c) = x ⊙ scatter(c), as y = x where selected."""
+
+    op = "getitem (slicing)"
+    batch_anywhere = True
+
+    def __init__(self, name, index, load):
+        super().__init__(name)
+        self.index_arg, self.load = index, load
+
+    def canonical(self, x, idx, d):
+        """(idx with one entry per consumed dim, Ellipsis expanded; the output's batch dim),
+        checked to keep the batch dim d whole."""
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        for e in idx:
+            if not (e is None or e is Ellipsis or isinstance(e, (slice, int, torch.SymInt))) or isinstance(e, bool):
+                raise RelevanceError(f"LRP: {self.describe()} indexes with {type(e).__name__} "
+                                     f"({e!r}): advanced (tensor, list or bool) indexing has no relevance rule; "
+                                     "only ints, slices, None and ... are supported")
+        consumed = sum(1 for e in idx if e is not None and e is not Ellipsis)
+        if sum(1 for e in idx if e is Ellipsis) > 1 or consumed > x.dim():
+            raise RelevanceError(f"LRP: {self.describe()}: index {idx!r} does not fit a tensor of shape "
+                                 f"{tuple(x.shape)}")
+        out = []
+        for e in idx:
+            out.extend([slice(None)] * (x.dim() - consumed) if e is Ellipsis else [e])
+        pos = out_dims = 0
+        entry, out_bd = slice(None), None
+        for j, e in enumerate(out):
+            if e is None:
+                out_dims += 1
+                continue
+            if pos == d:
+                entry, out_bd = e, out_dims
+                out[j] = slice(None)  # all K*B rows of a message, not the forward's B
+                break
+            out_dims += 0 if isinstance(e, (int, torch.SymInt)) else 1
+            pos += 1
+        if out_bd is None:  # the batch dim is among the trailing dims the index leaves whole
+            out_bd = out_dims + d - pos
+        if not (isinstance(entry, slice) and entry.start in (None, 0) and entry.step in (None, 1)
+                and (entry.stop is None or entry.stop >= x.shape[d])):
+            raise RelevanceError(f"LRP: {self.describe()} indexes {idx!r}, which does not keep the batch dimension "
+                                 f"(dim {d}) whole: x[:, ...] is supported")
+        return tuple(out), out_bd
+
+    def forward(self, env, call):
+        x = env[self.src]
+        args, _ = self.load(env, self.index_arg, {})
+        d = call.bdim.get(self.src, 0)
+        idx, out_bd = self.canonical(x, args[0], d)
+        if out_bd:
+            call.bdim[self.index] = out_bd
+        call.saved[self.index] = (x, idx, d, out_bd)
+        return x[idx]
+
+    def relprop(self, msg, call):
+        x, idx, d, out_bd = call.saved[self.index]
+        a = msg.a if msg.kind == LAZY else materialize(msg)
+        shape = list(x.shape)
+        shape[d] = a.shape[0]
+        full = a.new_zeros(shape)
+        full[idx] = a.movedim(0, out_bd) if out_bd else a
+        if d:
+            full, x = full.movedim(d, 0), x.movedim(d, 0)
+        if msg.kind == LAZY:
+            return [(self.src, Msg(LAZY, full, x, True))]
+        return [(self.src, Msg(DENSE, full, None, True))]
+
+    def zero_preserving(self, plan):
+        return plan.users_zero_preserving(self.index)
 
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)

@@ -60,13 +60,15 @@ class Softmaxed(nn.Module):
         return torch.softmax(self.fc(x), 1)
 
 
-class Sliced(nn.Module):
+class Gathered(nn.Module):
+    """Advanced (list) indexing: basic slicing x[:, :4] is supported, this is not."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.fc(x[:, :4])
+        return self.fc(x[:, [0, 1, 2, 3]])
 
 
 class Multiplied(nn.Module):
@@ -109,10 +111,10 @@ class Pair(nn.Module):
 
 @pytest.mark.parametrize("model,match", [
     (Softmaxed(), r"node 'softmax' calls torch.*softmax, which has no relevance rule"),
-    (Sliced(), r"node 'getitem' indexes or slices a tensor"),
+    (Gathered(), r"node 'getitem' indexes with a tensor, list or bool .*advanced indexing has no relevance rule"),
     (Multiplied(), r"node 'mul' calls .*mul, which has no relevance rule"),
-    (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)),
-     r"node '_1' calls module '1' \(LayerNorm\), which has no relevance rule"),
+    (nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2)),
+     r"node '_1' calls module '1' \(GroupNorm\), which has no relevance rule"),
     (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), r"padding_mode='reflect'"),
     (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), "no running statistics"),
     (Branchy(), r"could not trace Branchy with torch.fx"),

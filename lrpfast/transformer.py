@@ -1,0 +1,276 @@
+"""Steps for transformer blocks: LayerNorm and attention, with the conservative propagation of
+Ali et al. 2022 ("XAI for Transformers: Better Explanations through Conservative Propagation").
+
+The non-linear parts are held constant, which makes each block linear in what carries relevance:
+
+- LayerNorm: the normalising std σ is a constant, so y_c = (x - mean(x)) / σ = W x with
+  W = (I - 11ᵀ/N) / σ (no bias). With the affine z = γ y_c + β, the ε rule on both steps, fused into
+  one division by the output z:
+        u = γ ⊙ R / stab(z),   R_in = x ⊙ (u - mean(u)) / σ        (means over the normalised dims)
+  (R_c = γ y_c ⊙ R / stab(z) at y_c, then x ⊙ Wᵀ(R_c / y_c): the y_c cancel). β absorbs its share;
+  with β = 0 and ε → 0 the step conserves relevance exactly.
+- Attention: the weights A = softmax(QKᵀ/√d + mask) are constants, so O = A V is linear in V and
+  relevance reaches only the value path, per head by the ε rule: R_V = V ⊙ Aᵀ(R_O / stab(O)).
+  Q and K (and the query/key inputs) receive none. nn.MultiheadAttention's value in-projection and
+  out-projection are linear layers with the ε rule and the LRP's eps/stabiliser: a composite's
+  rules apply to Linear/Conv modules outside the attention block, never inside it.
+
+With a tiny ε these rules give gradient × input of the model in which σ and A are detached and
+every activation f is replaced by x·(f(x)/x).detach() (tests/test_lrp_transformers.py checks that).
+
+Relevance messages carry K*B rows (K targets per sample), the saved forward tensors B rows:
+`_per_sample` views a message as (B, K, ...) where a saved tensor must broadcast over K.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .nodes import DIVIDED, LAZY, Msg, Step, _EpsilonStep, divide
+from .ops import RelevanceError
+
+
+def _per_sample(a: torch.Tensor, b: int) -> torch.Tensor:
+    """(K*B, ...) as (B, K, ...): sample-major rows, so a view."""
+    return a.view(b, a.shape[0] // b, *a.shape[1:])
+
+
+def attend_back(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Aᵀ s for attention weights a (B, *heads, L, S) and K maps per sample s (K*B, *heads, L, D):
+    (K*B, *heads, S, D). The K maps of a sample share its A: they ride in the last dim of one
+    batched matmul (B, *heads, L, K*D) instead of copying A K times."""
+    b = a.shape[0]
+    k = s.shape[0] // b
+    at = a.transpose(-1, -2)
+    if k == 1:
+        return torch.matmul(at, s)
+    d = s.shape[-1]
+    sk = _per_sample(s, b).movedim(1, -2)                    # (B, *heads, L, K, D)
+    c = torch.matmul(at, sk.reshape(*sk.shape[:-2], k * d))  # (B, *heads, S, K*D)
+    c = c.view(*c.shape[:-1], k, d).movedim(-2, 1)           # (B, K, *heads, S, D)
+    return c.reshape(b * k, *c.shape[2:])
+
+
+# ============================================================================= LayerNorm
+
+
+class LayerNormStep(_EpsilonStep):
+    """nn.LayerNorm / F.layer_norm with σ held constant (module docstring)."""
+
+    batch_anywhere = True
+
+    def __init__(self, name, normalized_shape, ln_eps, affine, eps, stabilizer, op):
+        super().__init__(name, eps, stabilizer)
+        self.normalized_shape = tuple(normalized_shape)
+        self.ln_eps = float(ln_eps)
+        self.affine = affine  # env -> (weight or None, bias or None)
+        self.op = op
+
+    def forward(self, env, call):
+        x = env[self.src]
+        nd = len(self.normalized_shape)
+        if x.dim() - nd <= call.bdim.get(self.src, 0) or tuple(x.shape[x.dim() - nd:]) != self.normalized_shape:
+            raise RelevanceError(f"LRP: {self.describe()} normalises over {self.normalized_shape}, which must be the "
+                                 f"last dims of a batched input and not include the batch; got {tuple(x.shape)}")
+        w, b = self.affine(env)
+        # One fused kernel that also returns 1/σ (the constant of the rule), as autograd's would.
+        z, _, rstd = torch.native_layer_norm(x, self.normalized_shape, w, b, self.ln_eps)
+        bf = lambda t: call.batch_first(self.src, t)  # noqa: E731
+        call.saved[self.index] = (bf(x), bf(z), bf(rstd), w)
+        return z
+
+    def relprop(self, msg, call):
+        x, z, rstd, w = call.saved[self.index]
+        s = self._s(msg, call)   # R / stab(z): a temporary of this step (fused division or a scatter)
+        if w is not None:
+            s.mul_(w)
+        dims = tuple(range(s.dim() - len(self.normalized_shape), s.dim()))
+        s.sub_(s.mean(dims, keepdim=True))
+        if s.shape[0] == x.shape[0]:
+            s.mul_(rstd)
+        else:
+            _per_sample(s, x.shape[0]).mul_(rstd.unsqueeze(1))
+        return [(self.src, Msg(LAZY, s, x, True))]
+
+
+# ============================================================================= attention
+
+
+def _float_mask(mask, dtype, what):
+    """An additive mask: bool True = masked out (nn.MultiheadAttention's convention)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise RelevanceError(f"{what} must be bool or floating point, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class MultiheadAttentionStep(Step):
+    """nn.MultiheadAttention as one node: q, k, v in-projections, A = softmax(QKᵀ/√d + masks),
+    O = A V per head, out-projection. Returns (output, weights or None) like the module; the
+    relevance of output [0] reaches the value input only (module docstring)."""
+
+    op = "MultiheadAttention"
+    batch_anywhere = True   # batch_first=False: (L, B, E) in and out
+
+    def __init__(self, name, module, load, eps, stabilizer):
+        super().__init__(name)
+        self.module, self.load = module, load
+        self.eps, self.stabilizer = eps, stabilizer
+        self.args = self.kwargs = None
+        m = module
+        for attr, what in (("bias_k", "add_bias_kv=True"), ("bias_v", "add_bias_kv=True")):
+            if getattr(m, attr, None) is not None:
+                raise RelevanceError(f"LRP: {self.describe()} uses {what}, which has no relevance rule")
+        if getattr(m, "add_zero_attn", False):
+            raise RelevanceError(f"LRP: {self.describe()} uses add_zero_attn=True, which has no relevance rule")
+
+    def _weights(self):
+        m = self.module
+        e = m.embed_dim
+        if m._qkv_same_embed_dim:
+            wq, wk, wv = m.in_proj_weight.detach().split(e)
+        else:
+            wq, wk, wv = m.q_proj_weight.detach(), m.k_proj_weight.detach(), m.v_proj_weight.detach()
+        bias = None if m.in_proj_bias is None else m.in_proj_bias.detach().split(e)
+        bq, bk, bv = bias if bias is not None else (None, None, None)
+        wo = m.out_proj.weight.detach()
+        bo = None if m.out_proj.bias is None else m.out_proj.bias.detach()
+        return (wq, wk, wv), (bq, bk, bv), wo, bo
+
+    def forward(self, env, call):
+        m = self.module
+        a = self.load(env)
+        q, k, v = a["query"], a["key"], a["value"]
+        if m.training and m.dropout > 0:
+            raise RelevanceError(f"LRP: {self.describe()} has dropout={m.dropout} in training mode; LRP explains a "
+                                 "deterministic function: call model.eval() first")
+        if not (isinstance(q, torch.Tensor) and q.dim() == 3 and k.dim() == 3 and v.dim() == 3):
+            raise RelevanceError(f"LRP: {self.describe()} expects batched 3-d query, key and value, got "
+                                 f"{[tuple(getattr(t, 'shape', ())) for t in (q, k, v)]}")
+        want = 0 if m.batch_first else 1
+        for what, i in zip(("query", "key", "value"), self.qkv_steps):
+            if call.bdim.get(i, 0) != want:
+                raise RelevanceError(
+                    f"LRP: {self.describe()} has batch_first={m.batch_first}, but its {what} has the batch at dim "
+                    f"{call.bdim.get(i, 0)}: the module would attend across samples. Pass (B, L, E) with "
+                    "batch_first=True, or (L, B, E) (x.transpose(0, 1)) with batch_first=False")
+        if not m.batch_first:  # (L, B, E): work batch-first on views, return (L, B, E)
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            call.bdim[self.index] = 1
+        b, lq, e = q.shape
+        s_len = k.shape[1]
+        h = m.num_heads
+        hd = e // h
+        (wq, wk, wv), (bq, bk, bv), wo, bo = self._weights()
+        if q is k and k is v and m._qkv_same_embed_dim:  # self-attention: one packed projection
+            qp, kp, vp = F.linear(q, m.in_proj_weight.detach(),
+                                  None if m.in_proj_bias is None else m.in_proj_bias.detach()).split(e, -1)
+            vp = vp.contiguous()
+        else:
+            qp, kp, vp = F.linear(q, wq, bq), F.linear(k, wk, bk), F.linear(v, wv, bv)
+        qh = qp.reshape(b, lq, h, hd).transpose(1, 2)
+        kh = kp.reshape(b, s_len, h, hd).transpose(1, 2)
+        vh = vp.view(b, s_len, h, hd).transpose(1, 2)
+        scores = torch.matmul(qh * (1.0 / math.sqrt(hd)), kh.transpose(-1, -2))      # (B, H, L, S)
+        mask = _float_mask(a["attn_mask"], scores.dtype, f"LRP: {self.describe()}: attn_mask")
+        if mask is not None:
+            if mask.dim() == 2:
+                scores = scores + mask
+            elif mask.dim() == 3 and mask.shape[0] == b * h:
+                scores = scores + mask.view(b, h, lq, s_len)
+            else:
+                raise RelevanceError(f"LRP: {self.describe()}: attn_mask must be (L, S) or (B*num_heads, L, S), got "
+                                     f"{tuple(mask.shape)}")
+        kpm = _float_mask(a["key_padding_mask"], scores.dtype, f"LRP: {self.describe()}: key_padding_mask")
+        if kpm is not None:
+            if tuple(kpm.shape) != (b, s_len):
+                raise RelevanceError(f"LRP: {self.describe()}: key_padding_mask must be (B, S) = {(b, s_len)}, got "
+                                     f"{tuple(kpm.shape)}")
+            scores = scores + kpm.view(b, 1, 1, s_len)
+        attn = torch.softmax(scores, -1)
+        scores = None
+        o = torch.matmul(attn, vh).transpose(1, 2).reshape(b, lq, e)
+        out = F.linear(o, wo, bo)
+        call.saved[self.index] = (v, vp, attn, o, out, wv, wo, m.batch_first)
+        weights = None
+        if a["need_weights"]:
+            weights = attn.mean(1) if a["average_attn_weights"] else attn
+        return (out if m.batch_first else out.transpose(0, 1)), weights
+
+    def relprop(self, msg, call):
+        v, vp, attn, o, out, wv, wo, batch_first = call.saved[self.index]
+        eps, stab = self.eps, self.stabilizer
+        s = divide(msg, out, eps, stab)                         # out-projection: R / stab(out)
+        c = torch.matmul(s, wo)                                 # Woᵀ s
+        s = ops.mul_stab_div(c, o, o, eps, stab)                # O = A V: R_O / stab(O)
+        kb, lq, e = s.shape
+        h = attn.shape[1]
+        sh = s.view(kb, lq, h, e // h).transpose(1, 2)          # per head (K*B, H, L, hd)
+        c = attend_back(attn, sh).transpose(1, 2).reshape(kb, -1, e)   # Aᵀ s, (K*B, S, E)
+        s = ops.mul_stab_div(c, vp, vp, eps, stab)              # value projection: R_V / stab(V)
+        c = torch.matmul(s, wv)                                 # Wvᵀ s
+        return [(self.value_src, Msg(LAZY, c, v, True))]
+
+    def zero_preserving(self, plan):
+        return True  # R_v = v ⊙ c
+
+
+class ScaledDotProductAttentionStep(Step):
+    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal, scale): A is
+    computed explicitly (the relevance step needs it), O = A v; relevance to v only."""
+
+    op = "scaled_dot_product_attention"
+    fresh_output = True
+    has_denominator = True
+
+    def __init__(self, name, load, is_causal, scale, eps, stabilizer):
+        super().__init__(name)
+        self.load, self.is_causal, self.scale = load, bool(is_causal), scale
+        self.eps, self.stabilizer = eps, stabilizer
+
+    def forward(self, env, call):
+        a = self.load(env)
+        q, k, v = a["query"], a["key"], a["value"]
+        if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim() or q.shape[0] != v.shape[0]:
+            raise RelevanceError(f"LRP: {self.describe()} expects (B, ..., L, E) query, key and value, got "
+                                 f"{[tuple(t.shape) for t in (q, k, v)]}")
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(q * scale, k.transpose(-1, -2))
+        lq, s_len = scores.shape[-2:]
+        mask = a["attn_mask"]
+        if self.is_causal:
+            causal = torch.ones(lq, s_len, dtype=torch.bool, device=q.device).tril_()
+            mask = causal if mask is None else (causal & mask if mask.dtype == torch.bool else
+                                                mask.masked_fill(~causal, float("-inf")))
+        if mask is not None:
+            # SDPA's convention: a bool mask is True where attention takes part
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        attn = torch.softmax(scores, -1)
+        scores = None
+        if attn.shape[:-2] != v.shape[:-2]:
+            raise RelevanceError(f"LRP: {self.describe()}: value of shape {tuple(v.shape)} is broadcast against the "
+                                 f"attention weights {tuple(attn.shape)}; give value the query's batch and head dims "
+                                 "(enable_gqa and broadcasting have no relevance rule)")
+        o = torch.matmul(attn, v)
+        call.saved[self.index] = (v, attn, o)
+        return o
+
+    def denominator(self, call):
+        return call.saved[self.index][2], self.eps, self.stabilizer
+
+    def output_of(self, call):
+        return call.saved[self.index][2]
+
+    def relprop(self, msg, call):
+        v, attn, o = call.saved[self.index]
+        s = msg.a if msg.kind == DIVIDED else divide(msg, o, self.eps, self.stabilizer)
+        return [(self.value_src, Msg(LAZY, attend_back(attn, s), v, True))]
+
+    def zero_preserving(self, plan):
+        return True

@@ -1,0 +1,662 @@
+"""Transformers: LayerNorm, attention (nn.MultiheadAttention, F.scaled_dot_product_attention),
+class tokens, positional embeddings and slicing, with the conservative propagation of Ali et al.
+2022 (CP-LRP).
+
+The oracle, independent of lrpfast: with these rules, ε-LRP (ε → 0) equals gradient × input of a
+copy of the model in which the LayerNorm's σ and the attention weights A are detached and every
+elementwise activation f is replaced by x·(f(x)/x).detach(), biases included (R_j / z_j is the
+modified gradient at every layer). The copies below are written by hand with explicit matmul and
+softmax, from the modules' parameters. With eps=0 the two agree to rounding; with a tiny ε the
+difference is linear in ε.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lrpfast
+from lrpfast.ops import RelevanceError
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ============================================================================= models
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block. attention: "mha" (nn.MultiheadAttention) or "sdpa" (a packed qkv
+    Linear, sliced, and F.scaled_dot_product_attention); seq_first: x is (L, B, E) and the MHA has
+    batch_first=False."""
+
+    def __init__(self, d, heads, attention="mha", seq_first=False, causal=False, padding=None,
+                 need_weights=False, act="gelu"):
+        super().__init__()
+        self.d, self.heads, self.attention, self.seq_first = d, heads, attention, seq_first
+        self.causal, self.need_weights = causal, need_weights
+        self.ln1 = nn.LayerNorm(d)
+        if attention == "mha":
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=not seq_first)
+        else:
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln2_weight, self.ln2_bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.act = nn.GELU() if act == "gelu" else nn.Tanh()
+        self.padding = padding  # (1, S) bool, True = ignore that key (MHA only)
+
+    def forward(self, x, mask=None, pad=None):
+        h = self.ln1(x)
+        if self.attention == "mha":
+            a = self.attn(h, h, h, key_padding_mask=pad, attn_mask=mask, need_weights=self.need_weights)[0]
+        else:
+            b, n, _ = x.shape
+            d, hd = self.d, self.d // self.heads
+            qkv = self.qkv(h)
+            q, k, v = qkv[:, :, :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+            q, k, v = (t.reshape(b, n, self.heads, hd).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            a = self.proj(o.transpose(1, 2).reshape(b, n, d))
+        x = x + a
+        y = F.layer_norm(x, (self.d,), self.ln2_weight, self.ln2_bias, 1e-5)   # the functional form
+        return x + self.fc2(self.act(self.fc1(y)))
+
+
+class TinyTransformer(nn.Module):
+    """Tokens (B, L, din) -> embedding, class token (expanded, concatenated), positional
+    embedding, blocks, LayerNorm, class token x[:, 0] (or the mean over tokens), head."""
+
+    def __init__(self, din=6, d=16, heads=2, layers=2, classes=5, tokens=7, pool="cls", **block):
+        super().__init__()
+        self.pool, self.seq_first = pool, block.get("seq_first", False)
+        self.embed = nn.Linear(din, d)
+        self.cls = nn.Parameter(0.5 * torch.randn(1, 1, d))
+        self.pos = nn.Parameter(0.5 * torch.randn(1, tokens + 1, d))
+        self.blocks = nn.ModuleList([Block(d, heads, **block) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+        s = tokens + 1
+        self.register_buffer("mask", torch.triu(torch.ones(s, s, dtype=torch.bool), 1) if block.get("causal") else None)
+        pad = torch.zeros(1, s, dtype=torch.bool)
+        pad[0, -2:] = True
+        self.register_buffer("pad", pad if block.get("padding") else None)
+
+    def forward(self, x):
+        b = x.shape[0]
+        x = self.embed(x)
+        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos
+        pad = None if self.pad is None else self.pad.expand(b, -1)
+        mask = None if self.mask is None or self.blocks[0].attention != "mha" else self.mask
+        if self.seq_first:
+            x = x.transpose(0, 1)
+        for blk in self.blocks:
+            x = blk(x, mask, pad)
+        x = self.norm(x)
+        if self.seq_first:
+            return self.head(x[0])
+        return self.head(x[:, 0] if self.pool == "cls" else x.mean(dim=1))
+
+
+def randomize(model, scale=0.2):
+    """Non-trivial biases and LayerNorm affines (torch initialises them to 0 and 1)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if ("ln" in name or "norm" in name) and "weight" in name else 0.0
+                p.copy_(base + scale * torch.randn(p.shape, generator=g))
+        if hasattr(model, "heads"):      # torchvision's ViT starts with a zero head
+            model.heads.head.weight.normal_(0, 0.3, generator=g)
+    return model
+
+
+def zero_shifts(model):
+    """Zero biases, LayerNorm β, class token and positional embedding: nothing absorbs relevance."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "pos" in name or name.endswith("cls") or "class_token" in name:
+                p.zero_()
+    return model
+
+
+# ============================================================================= the oracle (by hand)
+
+
+def ref_layer_norm(x, weight, bias, eps):
+    mu = x.mean(-1, keepdim=True)
+    sd = ((x - mu) ** 2).mean(-1, keepdim=True).add(eps).sqrt().detach()     # σ constant
+    y = (x - mu) / sd
+    return y if weight is None else y * weight + bias
+
+
+def ref_act(f, x):
+    return x * (f(x) / x).detach()                                            # identity rule
+
+
+def ref_attention(q, k, v, additive=None):
+    """(B, H, L, hd) each; A detached (constant)."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if additive is not None:
+        scores = scores + additive
+    return torch.softmax(scores, -1).detach() @ v
+
+
+def neg_inf(mask):
+    return torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask, float("-inf"))
+
+
+def ref_mha(m, q, k, v, attn_mask=None, pad=None):
+    """nn.MultiheadAttention on batch-first (B, L, E) inputs, with A detached."""
+    e, h = m.embed_dim, m.num_heads
+    wq, wk, wv = m.in_proj_weight.split(e)
+    bq, bk, bv = m.in_proj_bias.split(e)
+    b, n, _ = q.shape
+    s = k.shape[1]
+    heads = lambda t, length: t.reshape(b, length, h, e // h).transpose(1, 2)  # noqa: E731
+    additive = None
+    if attn_mask is not None:
+        additive = neg_inf(attn_mask).to(q.dtype)
+    if pad is not None:
+        kp = neg_inf(pad).to(q.dtype).view(b, 1, 1, s)
+        additive = kp if additive is None else additive + kp
+    o = ref_attention(heads(q @ wq.T + bq, n), heads(k @ wk.T + bk, s), heads(v @ wv.T + bv, s), additive)
+    return o.transpose(1, 2).reshape(b, n, e) @ m.out_proj.weight.T + m.out_proj.bias
+
+
+def ref_tiny(model, x):
+    b = x.shape[0]
+    x = x @ model.embed.weight.T + model.embed.bias
+    x = torch.cat([model.cls.expand(b, -1, -1), x], 1) + model.pos
+    pad = None if model.pad is None else model.pad.expand(b, -1)
+    for blk in model.blocks:
+        h = ref_layer_norm(x, blk.ln1.weight, blk.ln1.bias, blk.ln1.eps)
+        if blk.attention == "mha":
+            a = ref_mha(blk.attn, h, h, h, model.mask, pad)
+        else:
+            d, hd = blk.d, blk.d // blk.heads
+            q, k, v = (h @ blk.qkv.weight.T + blk.qkv.bias).split(d, -1)
+            q, k, v = (t.reshape(b, -1, blk.heads, hd).transpose(1, 2) for t in (q, k, v))
+            n = q.shape[2]
+            additive = neg_inf(torch.triu(torch.ones(n, n, dtype=torch.bool), 1)).to(x.dtype) if blk.causal else None
+            o = ref_attention(q, k, v, additive)
+            a = o.transpose(1, 2).reshape(b, n, d) @ blk.proj.weight.T + blk.proj.bias
+        x = x + a
+        y = ref_layer_norm(x, blk.ln2_weight, blk.ln2_bias, 1e-5)
+        f = F.gelu if isinstance(blk.act, nn.GELU) else torch.tanh
+        x = x + blk.fc2(ref_act(f, blk.fc1(y)))
+    x = ref_layer_norm(x, model.norm.weight, model.norm.bias, model.norm.eps)
+    return model.head(x[:, 0] if model.pool == "cls" else x.mean(1))
+
+
+def ref_vit(m, x):
+    """torchvision's VisionTransformer, re-implemented with σ and A detached."""
+    n = x.shape[0]
+    x = m.conv_proj(x).reshape(n, m.hidden_dim, -1).permute(0, 2, 1)
+    x = torch.cat([m.class_token.expand(n, -1, -1), x], 1) + m.encoder.pos_embedding
+    for blk in m.encoder.layers:
+        h = ref_layer_norm(x, blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
+        x = x + ref_mha(blk.self_attention, h, h, h)
+        y = ref_layer_norm(x, blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
+        x = x + blk.mlp[3](ref_act(F.gelu, blk.mlp[0](y)))
+    x = ref_layer_norm(x, m.encoder.ln.weight, m.encoder.ln.bias, m.encoder.ln.eps)
+    return m.heads(x[:, 0])
+
+
+def oracle(ref, model, x, t):
+    """x ⊙ ∂f_t/∂x of the modified model."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(ref(model, x).gather(1, t[:, None]).sum(), x)
+    return (x * g).detach()
+
+
+VARIANTS = {
+    "mha": dict(),
+    "mha_mean_pool": dict(pool="mean"),
+    "mha_causal_padding_weights": dict(causal=True, padding=True, need_weights=True, pool="mean"),
+    "mha_seq_first": dict(seq_first=True),
+    "sdpa": dict(attention="sdpa"),
+    "sdpa_causal": dict(attention="sdpa", causal=True, pool="mean"),   # causal: the class token sees only itself
+}
+
+
+def tiny(variant="mha", dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    return randomize(TinyTransformer(**{**VARIANTS[variant], **kw})).to(dtype).eval()
+
+
+def small_vit(dtype=torch.float64, layers=2):
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=layers, num_heads=2,
+                                             hidden_dim=16, mlp_dim=32, num_classes=5)
+    return randomize(m).to(dtype).eval()
+
+
+# ============================================================================= against the oracle
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tiny_transformer_equals_modified_gradient_times_input(variant):
+    model = tiny(variant)
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    t = torch.tensor([0, 3, 4])
+    with torch.no_grad():                              # the oracle's forward is the model's
+        assert rel_l2(ref_tiny(model, x), model(x)) < 1e-13
+    want = oracle(ref_tiny, model, x, t)
+    assert rel_l2(lrpfast.LRP(model, eps=0.0)(x, t), want) < 1e-12
+    got = lrpfast.LRP(model, eps=1e-12)(x, t)
+    assert got.shape == x.shape and rel_l2(got, want) < 1e-6    # the difference is O(ε / min |z|)
+
+
+@pytest.mark.parametrize("stabilizer", ["sign", "plus"])
+def test_vit_equals_modified_gradient_times_input(stabilizer):
+    model = small_vit()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    t = torch.tensor([1, 3])
+    with torch.no_grad():
+        assert rel_l2(ref_vit(model, x), model(x)) < 1e-13
+    want = oracle(ref_vit, model, x, t)
+    assert rel_l2(lrpfast.LRP(model, eps=0.0, stabilizer=stabilizer)(x, t), want) < 1e-12
+    assert rel_l2(lrpfast.LRP(model, eps=1e-12, stabilizer=stabilizer)(x, t), want) < 1e-6
+    # a larger ε moves the map: the oracle test can fail
+    assert rel_l2(lrpfast.LRP(model, eps=1e-2, stabilizer=stabilizer)(x, t), want) > 1e-4
+
+
+def test_each_rule_can_fail_the_oracle():
+    """Attention weights or σ left in the gradient (not detached) give another map: the oracle
+    pins those choices down."""
+    model = tiny("mha")
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    t = torch.tensor([1, 2])
+    got = lrpfast.LRP(model, eps=0.0)(x, t)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xg).gather(1, t[:, None]).sum(), xg)   # plain gradient × input
+    assert rel_l2(got, x * g) > 1e-2
+
+
+class Cross(nn.Module):
+    """Cross-attention with separate query, key and value nodes, kdim and vdim != embed_dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.fq, self.fk, self.fv = nn.Linear(6, 8), nn.Linear(6, 5), nn.Linear(6, 7)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=5, vdim=7)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.fq(x), self.fk(x[:, :4]), self.fv(x[:, :4]))[0].mean(dim=1))
+
+
+def ref_cross(model, x):
+    m = model.attn
+    bq, bk, bv = m.in_proj_bias.split(8)
+    heads = lambda t: t.reshape(t.shape[0], t.shape[1], 2, 4).transpose(1, 2)  # noqa: E731
+    q = heads(model.fq(x) @ m.q_proj_weight.T + bq)
+    k = heads(model.fk(x[:, :4]) @ m.k_proj_weight.T + bk)
+    v = heads(model.fv(x[:, :4]) @ m.v_proj_weight.T + bv)
+    o = ref_attention(q, k, v).transpose(1, 2).reshape(x.shape[0], -1, 8)
+    return model.head((o @ m.out_proj.weight.T + m.out_proj.bias).mean(1))
+
+
+def test_cross_attention_sends_relevance_to_the_value_node_only():
+    torch.manual_seed(0)
+    model = randomize(Cross()).double().eval()
+    x = torch.randn(3, 6, 6, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2])
+    lrp = lrpfast.LRP(model, eps=0.0)
+    assert rel_l2(lrp(x, t), oracle(ref_cross, model, x, t)) < 1e-12
+    e = lrp.explain(x, t, keep_layers=True)
+    assert "fv" in e.layers and "fq" not in e.layers and "fk" not in e.layers
+    assert e.layers["attn"].shape == (3, 4, 7)                     # at the value input (vdim 7)
+    assert e.relevance[:, 4:].abs().max() == 0                     # rows only the query saw
+
+
+# ============================================================================= conservation
+
+
+@pytest.mark.parametrize("affine", ["module", "none", "functional"])
+def test_layer_norm_conserves_with_zero_beta(affine):
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 12, bias=False), nn.Linear(12, 3, bias=False)
+            self.ln = nn.LayerNorm(12, elementwise_affine=affine != "none")
+            self.gamma = nn.Parameter(1 + 0.3 * torch.randn(12))
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h = F.layer_norm(h, (12,), self.gamma, None) if affine == "functional" else self.ln(h)
+            return self.fc2(h)
+
+    model = Net().double().eval()
+    if affine == "module":
+        with torch.no_grad():
+            model.ln.weight.normal_(1, 0.3)
+            model.ln.bias.zero_()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    e = lrpfast.LRP(model, eps=1e-12).explain(x)
+    node = "layer_norm" if affine == "functional" else "ln"
+    assert torch.allclose(e.conservation[node], e.conservation["fc2"], rtol=1e-9, atol=0)
+    assert torch.allclose(e.conservation["x"], e.conservation["output"], rtol=1e-9, atol=0)
+    # β ≠ 0 absorbs a share: conservation breaks, the map follows the oracle still
+    if affine == "module":
+        with torch.no_grad():
+            model.ln.bias.normal_(0, 1.0)
+        e = lrpfast.LRP(model, eps=1e-12).explain(x)
+        assert not torch.allclose(e.conservation["ln"], e.conservation["fc2"], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("which", ["mha", "sdpa", "mha_seq_first", "vit"])
+def test_conservation_without_shifts(which):
+    """Zero biases, β = 0, zero class token and positional embedding, ε tiny: Σ R_in = the logit,
+    and Σ R is the same at every node's input."""
+    model = zero_shifts(small_vit() if which == "vit" else tiny(which))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64) if which == "vit" else torch.randn(2, 7, 6, dtype=torch.float64)
+    lrp = lrpfast.LRP(model, eps=1e-12)
+    e = lrp.explain(x, keep_layers=True)
+    out = e.conservation["output"]
+    assert out.abs().min() > 1e-3
+    assert torch.allclose(e.conservation["x"], out, rtol=1e-8, atol=0)
+    assert torch.allclose(e.relevance.flatten(1).sum(1), out, rtol=1e-8, atol=0)
+    # layer by layer: what a node sends to its inputs is what arrives at its output
+    steps, checked = lrp.plan.steps, 0
+    for step in steps:
+        if step.name not in e.conservation or step.index == lrp.plan.input:
+            continue
+        arrived = out if step.index == lrp.plan.output else 0
+        for u in dict.fromkeys(step.users):
+            user = steps[u]
+            if user.name not in e.layers:
+                continue
+            maps = e.layers[user.name]
+            maps = maps if isinstance(maps, tuple) else (maps,)
+            receiving = [i for i in user.inputs
+                         if steps[i].tensor_output and not isinstance(steps[i], lrpfast.nodes.ConstStep)]
+            for pos, i in enumerate(receiving):
+                if i == step.index:
+                    arrived = arrived + maps[pos].flatten(1).sum(1)
+        assert torch.allclose(e.conservation[step.name], arrived, rtol=1e-8, atol=1e-10), step.name
+        checked += 1
+    assert checked >= 15
+
+
+# ============================================================================= the LRP machinery
+
+
+@pytest.mark.parametrize("variant", ["mha", "sdpa", "mha_seq_first"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_k_targets_equal_k_single_calls(variant, dtype, tol):
+    model = tiny(variant, dtype)
+    x = torch.randn(4, 7, 6, dtype=dtype)
+    t = torch.stack([torch.randperm(5)[:3] for _ in range(4)])
+    lrp = lrpfast.LRP(model)
+    both = lrp(x, t)
+    e = lrp.explain(x, t, keep_layers=True)
+    assert both.shape == (4, 3, 7, 6)
+    for k in range(3):
+        single = lrp(x, t[:, k])
+        assert rel_l2(both[:, k], single) < tol
+        assert rel_l2(e.relevance[:, k], single) < tol
+
+
+@pytest.mark.parametrize("variant", ["mha_causal_padding_weights", "sdpa_causal", "mha_seq_first"])
+def test_chunked_equals_one_pass(variant):
+    model = tiny(variant)
+    x = torch.randn(5, 7, 6, dtype=torch.float64)
+    t = torch.randint(0, 5, (5, 2))
+    whole, chunked = lrpfast.LRP(model), lrpfast.LRP(model, batch_size=2)
+    assert chunked._chunk(x, 2) == 2
+    assert rel_l2(chunked(x, t), whole(x, t)) < 1e-12
+    a, b = chunked.explain(x, keep_layers=True), whole.explain(x, keep_layers=True)
+    assert a.layers.keys() == b.layers.keys()
+    for n in b.conservation:
+        assert torch.allclose(a.conservation[n], b.conservation[n], rtol=1e-12, atol=1e-14), n
+
+
+def test_explain_layers_of_the_new_nodes():
+    model = small_vit(layers=1)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    lrp = lrpfast.LRP(model)
+    e = lrp.explain(x, keep_layers=True)
+    ops = {s.name: s.op for s in lrp.plan.steps}
+    names = {op: [n for n, o in ops.items() if o == op] for op in set(ops.values())}
+    attn = names["MultiheadAttention"][0]
+    assert e.layers[attn].shape == (2, 17, 16)                      # relevance at the value input
+    for ln in names["LayerNorm"]:
+        assert e.layers[ln].shape == (2, 17, 16)
+    cls = names["getitem (slicing)"][0]                           # x[:, 0]: scattered back to (B, L, E)
+    assert e.layers[cls].shape == (2, 17, 16) and e.layers[cls][:, 1:].abs().max() == 0
+    cat = e.layers[names["cat"][0]]
+    assert cat.shape == (2, 16, 16)                               # the patches only; the class token: none
+    assert e.layers[names["add"][0]].shape == (2, 17, 16)         # + pos_embedding: the tokens only
+    for n in ("class_token", "encoder_pos_embedding", "expand"):  # constants: never relevance
+        assert n not in e.layers and n not in e.conservation and n not in lrp.node_names
+    text = repr(lrp)
+    assert "LayerNorm" in text and "MultiheadAttention" in text
+
+
+def test_indexing_forms_equal_gradient_times_input():
+    """x[:, 0], x[..., 1:], x[:, :, None], x[:, 1:3, ::2]: LRP-0 of a linear model is gradient × input."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(5, 3), nn.Linear(4 * 4, 3), nn.Linear(2 * 3, 3)
+
+        def forward(self, x):                        # x (B, 4, 5)
+            p = self.a(x[:, 0])
+            q = self.b(x[..., 1:][:, :, None].flatten(1))
+            r = self.c(x[:, 1:3, ::2].reshape(x.shape[0], -1))
+            return p + q + r
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    t = torch.tensor([0, 2, 1])
+    got = lrpfast.LRP(model, eps=0.0)(x, t)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xg).gather(1, t[:, None]).sum(), xg)
+    assert rel_l2(got, x * g) < 1e-12
+    ops = [s.op for s in lrpfast.LRP(model).plan.steps]
+    assert ops.count("getitem (slicing)") == 4
+
+
+@pytest.mark.parametrize("variant", ["mha", "sdpa", "mha_seq_first"])
+def test_float32_and_bfloat16_agree_with_float64(variant):
+    ref = lrpfast.LRP(tiny(variant, torch.float64))
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    t = torch.tensor([1, 2, 3])
+    want = ref(x, t)
+    f32 = lrpfast.LRP(tiny(variant, torch.float32))(x.float(), t)
+    assert f32.dtype == torch.float32 and rel_l2(f32, want) < 1e-4
+    bf16 = lrpfast.LRP(tiny(variant, torch.bfloat16))(x.bfloat16(), t)
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all() and rel_l2(bf16, want) < 0.2
+
+
+def test_composites_apply_outside_attention():
+    model = tiny("mha", torch.float32)
+    lrp = lrpfast.LRP(model, composite="epsilon_plus")
+    rules = lrp.rules()
+    assert "embed" in rules and "head" in rules and not any("attn" in n for n in rules)
+    r = lrp(torch.randn(2, 7, 6))
+    assert torch.isfinite(r).all() and r.shape == (2, 7, 6)
+
+
+def test_compile_fullgraph_aot_eager():
+    dynamo = pytest.importorskip("torch._dynamo")
+    dynamo.reset()
+    try:
+        for variant in ("mha", "sdpa", "mha_seq_first"):
+            lrp = lrpfast.LRP(tiny(variant, torch.float32))
+            x = torch.randn(3, 7, 6)
+            compiled = torch.compile(lambda x: lrp(x), fullgraph=True, backend="aot_eager")
+            assert rel_l2(compiled(x), lrp(x)) < 1e-5
+    finally:
+        dynamo.reset()
+
+
+# ============================================================================= what is refused
+
+
+class Attn(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x)[0].mean(dim=1))
+
+
+class SDPA(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.scaled_dot_product_attention(x, x, x, **self.kw).mean(dim=1))
+
+
+class IndexBy(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.register_buffer("idx", torch.tensor([0, 2]))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.how == "buffer":
+            x = x[:, self.idx]
+        elif self.how == "batch":
+            x = x[0]
+        elif self.how == "batch_slice":
+            x = x[1:]
+        return self.head(x.mean(dim=1))
+
+
+class MaskFromInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, attn_mask=x[0, :, :5])[0].mean(dim=1))
+
+
+@pytest.mark.parametrize("model,match", [
+    (Attn(add_bias_kv=True), r"node 'attn' \(MultiheadAttention\) uses add_bias_kv=True"),
+    (Attn(add_zero_attn=True), r"node 'attn' \(MultiheadAttention\) uses add_zero_attn=True"),
+    (SDPA(dropout_p=0.1), r"node 'scaled_dot_product_attention' .*dropout_p=0.1"),
+    (SDPA(enable_gqa=True), r"node 'scaled_dot_product_attention' .*enable_gqa=True"),
+    (IndexBy("buffer"), r"node 'getitem' indexes with a tensor, list or bool \(idx\).*advanced indexing"),
+    (MaskFromInput(), r"node 'attn': attn_mask is computed from the input"),
+])
+def test_refused_at_construction(model, match):
+    with pytest.raises(RelevanceError, match=match):
+        lrpfast.LRP(model)
+
+
+@pytest.mark.parametrize("model,match", [
+    (IndexBy("batch"), r"node 'getitem' \(getitem \(slicing\)\) indexes \(0,\), which does not keep the batch"),
+    (IndexBy("batch_slice"), r"node 'getitem' .* does not keep the batch"),
+])
+def test_refused_at_call(model, match):
+    with pytest.raises(RelevanceError, match=match):
+        lrpfast.LRP(model)(torch.randn(2, 5, 8))
+
+
+def test_attention_dropout_in_training_mode_is_refused():
+    model = Attn(dropout=0.1).train()
+    with pytest.raises(RelevanceError, match=r"node 'attn' \(MultiheadAttention\) has dropout=0.1 in training mode"):
+        lrpfast.LRP(model)(torch.randn(2, 5, 8))
+    assert torch.isfinite(lrpfast.LRP(model.eval())(torch.randn(2, 5, 8))).all()
+
+
+def test_batch_first_mismatch_is_refused():
+    """A batch_first=False attention fed (B, L, E) would attend across samples."""
+
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0].mean(dim=1))
+
+    with pytest.raises(RelevanceError, match=r"batch_first=False, but its query has the batch at dim 0"):
+        lrpfast.LRP(Wrong())(torch.randn(2, 5, 8))
+
+
+def test_output_with_the_batch_moved_is_refused():
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):              # (B, 3) -> (3, B) logits: the batch is not first
+            return self.head(x).transpose(0, 1)
+
+    with pytest.raises(RelevanceError, match=r"model output .* has the batch at dim 1"):
+        lrpfast.LRP(Transposed())(torch.randn(3, 8))
+
+
+def test_moved_batch_reaches_an_unsupported_step():
+    class SeqMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(x.transpose(0, 1).mean(dim=0))
+
+    with pytest.raises(RelevanceError, match=r"node 'mean' \(mean\) needs the batch dimension first, but node "
+                                              r"'transpose' \(Tensor.transpose\) has it at dim 1"):
+        lrpfast.LRP(SeqMean())(torch.randn(2, 5, 8))
+
+
+# ============================================================================= torchvision's vit_b_16
+
+
+@pytest.fixture(scope="module")
+def vit_b_16():
+    torch.manual_seed(0)
+    m = torchvision.models.vit_b_16(weights=None).eval()
+    with torch.no_grad():
+        m.heads.head.weight.normal_(0, 0.02)       # torchvision starts it at 0 (all logits 0)
+    return m
+
+
+def test_vit_b_16_end_to_end(vit_b_16):
+    x = torch.randn(2, 3, 224, 224)
+    lrp = lrpfast.LRP(vit_b_16)
+    e = lrp.explain(x, target=torch.tensor([[1, 7], [3, 999]]))
+    assert e.relevance.shape == (2, 2, 3, 224, 224) and torch.isfinite(e.relevance).all()
+    with torch.no_grad():
+        assert rel_l2(e.logits, vit_b_16(x)) < 1e-5
+    frac = e.conservation["x"] / e.conservation["output"]
+    assert torch.isfinite(frac).all() and (frac.abs() < 100).all()
+    single = lrp(x, torch.tensor([7, 999]))
+    assert rel_l2(single, e.relevance[:, 1]) < 1e-4
+
+
+def test_vit_b_16_float32_matches_the_float64_oracle(vit_b_16):
+    x = torch.randn(1, 3, 224, 224)
+    t = torch.tensor([5])
+    got = lrpfast.LRP(vit_b_16, eps=1e-9)(x, t)
+    m64 = vit_b_16.double()
+    try:
+        want = oracle(ref_vit, m64, x.double(), t)
+    finally:
+        vit_b_16.float()
+    assert rel_l2(got, want) < 1e-3
