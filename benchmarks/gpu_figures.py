@@ -2,7 +2,7 @@
 - each fused elementwise op's achieved bandwidth (bytes read + written / time) against a plain
   device-to-device copy measured beside it, on tensors of at least 256 MB;
 - ε LRP(model) against the floor (DESIGN.md §2: forward with autograd + input gradient) on vgg16
-  and resnet50 at batch 64, float32 and bfloat16, interleaved rounds, medians;
+  and resnet50 (and, last, vit_b_16) at batch 64, float32 and bfloat16, interleaved rounds, medians;
 - agreement: each map against CPU float64 on a few samples; for bfloat16 beside the error of the
   bfloat16 input gradient (the dtype's own tolerance on the same network).
 Writes JSON (--out) and a short text table beside it (figures.txt). --tiny: CPU-sized dry run."""
@@ -126,6 +126,8 @@ def model_figures(device, name, batch, size, rounds, res=None):
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
+    if name.startswith("vit"):  # torchvision zero-initialises the ViT head: zero logits, zero maps
+        torch.nn.init.normal_(model.heads.head.weight, std=model.hidden_dim ** -0.5)
     res = {} if res is None else res
     x_cpu = torch.randn(batch, 3, size, size)
     # The reference: CPU float64 on the first two samples.
@@ -250,6 +252,10 @@ def main():
                   for name in ("vgg16", "resnet50")]
         parts.append(("profile", lambda: profile_breakdown(device, "vgg16", 2 if tiny else 64, 32 if tiny else 224,
                                                            os.path.join(out_dir, "profile.txt"))))
+        # a transformer (LayerNorm, attention: lrpfast/transformer.py), last: the first part a
+        # time cap cuts (no target in issue 7; the ratio is for RESULTS.md). ViT needs 224x224.
+        parts.append(("vit_b_16", lambda: model_figures(device, "vit_b_16", 2 if tiny else 64, 224, 1 if tiny else 10,
+                                                        res=info["models"].setdefault("vit_b_16", {}))))
     try:
         for name, part in parts:
             try:  # one part failing (a bug on this device) must not cost the other parts' figures

@@ -1,5 +1,6 @@
-"""Whole-model maps on the GPU against CPU float64 (issue 7). The CUDA cases skip without a CUDA
-device; the CPU cases run the same comparison at 64x64 (float32 and bfloat16 against float64)."""
+"""Whole-model maps on the GPU against CPU float64 (issue 7): two CNNs and a transformer (ViT:
+LayerNorm, attention, class token, indexing). The CUDA cases skip without a CUDA device; the CPU
+cases run the same comparison at 64x64 (float32 and bfloat16 against float64)."""
 import pytest
 import torch
 
@@ -21,14 +22,18 @@ def _floor(model, x, t):
 
 
 @pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in DEVICES])
-@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "vit_b_16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_model_map_matches_cpu_float64(name, device, dtype):
     if not hasattr(lrpfast, "LRP"):
         pytest.skip("lrpfast.LRP not available")
     torch.manual_seed(0)
     size = 224 if device == "cuda" else 64
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    # ViT fixes its image size (16x16 patches): 64x64 is 16 tokens, 224x224 the usual 196
+    kwargs = {"image_size": size} if name.startswith("vit") else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    if name.startswith("vit"):  # torchvision zero-initialises the ViT head: zero logits, zero maps
+        torch.nn.init.normal_(model.heads.head.weight, std=model.hidden_dim ** -0.5)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         t = model(x).argmax(1)
@@ -39,23 +44,35 @@ def test_model_map_matches_cpu_float64(name, device, dtype):
     assert got.shape == x.shape and got.device.type == device and got.dtype == dtype
     assert torch.isfinite(got).all()
     err = _rel(got, ref)
+
+    def fallback_err():
+        """The pure-torch fallback's error on the same device and dtype: the same ATen
+        contractions (cuDNN/cuBLAS on a GPU), none of lrpfast's kernels."""
+        with lrpfast.use_implementation("fallback"):
+            return _rel(lrpfast.LRP(model)(x.to(device, dtype), t.to(device)), ref)
+
+    # A transformer is a deep stack of ε divisions on residual sums: its maps are more sensitive to
+    # the dtype's rounding of z than the plain gradient (CPU, 64x64: float32 3.1e-3, bfloat16 8.1e-2
+    # from float64, the fallback exactly the same; the bfloat16 gradient 1.7e-2). The yardstick
+    # there is the fallback on the same device, within an absolute cap.
+    vit = name.startswith("vit")
     if dtype == torch.float32:
         # Random deep networks amplify float32 rounding where ε-stabilised denominators are
         # small: measured 2.4e-4 (vgg16) and 0.9-1.7e-4 (resnet50) on the CPU at 64x64.
         # (tests/conftest.py turns TF32 off, so CUDA float32 is true float32 too.)
         bound = 1e-3
-        if device == "cuda":
+        if device == "cuda" or vit:
             # cuDNN picks its own float32 algorithms (e.g. Winograd), whose rounding of z the
-            # ε denominators amplify as on the CPU, from a different start. The yardstick there:
-            # the pure-torch fallback on the same device (the same cuDNN convolutions, none of
-            # lrpfast's kernels); the kernels may add at most as much again, and never past 1e-2
-            # (an engine bug shared by both must still fail). (The plain gradient is no yardstick
-            # in float32: no ε denominators; 1.2e-6 where LRP is 1.6e-4 on vgg16 at 32x32.)
-            with lrpfast.use_implementation("fallback"):
-                fallback_err = _rel(lrpfast.LRP(model)(x.to(device, dtype), t.to(device)), ref)
-            bound = min(max(bound, 2 * fallback_err), 1e-2)
+            # ε denominators amplify as on the CPU, from a different start: the kernels may add at
+            # most as much again as the fallback's error, and never past 1e-2 (an engine bug
+            # shared by both must still fail). (The plain gradient is no yardstick in float32: no
+            # ε denominators; 1.2e-6 where LRP is 1.6e-4 on vgg16 at 32x32.)
+            bound = min(max(bound, 2 * fallback_err()), 1e-2)
         assert err < bound, (err, bound)
     else:
         # bfloat16: within 2x the error the plain input gradient makes in bfloat16 on this network.
         grad_err = _rel(_floor(model, x.to(device, dtype), t.to(device)), ref_grad)
-        assert err < max(2 * grad_err, 2e-2), (err, grad_err)
+        bound = max(2 * grad_err, 2e-2)
+        if vit:
+            bound = min(max(bound, 1.5 * fallback_err()), 0.15)
+        assert err < bound, (err, grad_err, bound)
