@@ -709,9 +709,11 @@ def _finish(plan: Plan, rule_for: Callable) -> None:
 # ============================================================================= the passes
 
 
-def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optional[list] = None) -> N.Call:
+def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optional[list] = None,
+            extra: Optional[list] = None) -> N.Call:
     """Run the model's forward step by step; returns the call state (logits in call.logits).
-    `sizes` (a list) receives the bytes of every step's output tensors."""
+    `sizes` (a list) receives the bytes of every step's output tensors, `extra` those of what
+    steps keep besides (Step.saved_extra: attention weights)."""
     steps = plan.steps
     call = N.Call(steps, fuse_pools)
     env: list = [None] * len(steps)
@@ -743,6 +745,8 @@ def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optiona
             v = env[i]
             sizes.extend(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,))
                          if isinstance(t, torch.Tensor))
+            if extra is not None:
+                extra.extend(t.numel() * t.element_size() for t in s.saved_extra(call))
         for j in free_after[i]:
             env[j] = None
     if call.bdim.get(plan.output, 0):

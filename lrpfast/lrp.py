@@ -220,11 +220,12 @@ class LRP:
     HEAP_TENSOR = 10 << 20
 
     def _profile(self, x):
-        """(Σ bytes of all step outputs, bytes of the largest one) for one sample, and the bytes
-        of the weights: from a forward on shapes only (FakeTensorMode), once per input shape."""
+        """(Σ bytes of all step outputs and of what steps keep besides (attention weights), bytes
+        of the largest output) for one sample, and the bytes of the weights: from a forward on
+        shapes only (FakeTensorMode), once per input shape."""
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         if key not in self._per_sample:
-            sizes = []
+            sizes, extra = [], []
             for s in self.plan.steps:  # refresh folded weights with real tensors, not fake ones
                 if isinstance(s, N.ContractionStep):
                     s.params()
@@ -233,16 +234,16 @@ class LRP:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
                 with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    graph.forward(self.plan, mode.from_tensor(x1), sizes=sizes)
+                    graph.forward(self.plan, mode.from_tensor(x1), sizes=sizes, extra=extra)
             except Exception:  # noqa: BLE001 (an op without a fake kernel: measure for real)
-                sizes = []
+                sizes, extra = [], []
                 try:
                     with torch.no_grad():
-                        graph.forward(self.plan, x1, sizes=sizes)
+                        graph.forward(self.plan, x1, sizes=sizes, extra=extra)
                 except Exception:  # noqa: BLE001 (bad input: the call itself reports it, with x's shape)
                     return None
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            self._per_sample[key] = (sum(sizes), max(sizes, default=0), weights)
+            self._per_sample[key] = (sum(sizes) + sum(extra), max(sizes, default=0), weights)
         return self._per_sample[key]
 
     def _schedule(self, x, k: int):

@@ -147,6 +147,11 @@ class Step:
     def relprop(self, msg: Msg, call: Call) -> List[Tuple[int, Msg]]:
         raise NotImplementedError
 
+    def saved_extra(self, call: Call) -> Tuple[torch.Tensor, ...]:
+        """Tensors the forward keeps for the relevance pass besides step outputs (attention
+        weights): the memory scheduler counts them (lrp.LRP._profile)."""
+        return ()
+
     def denominator(self, call: Call):
         return None
 

@@ -203,6 +203,10 @@ class MultiheadAttentionStep(Step):
             weights = attn.mean(1) if a["average_attn_weights"] else attn
         return (out if m.batch_first else out.transpose(0, 1)), weights
 
+    def saved_extra(self, call):
+        _, vp, attn, o, *_ = call.saved[self.index]
+        return vp, attn, o   # B·H·L·S for A: often more than the block's activations
+
     def relprop(self, msg, call):
         v, vp, attn, o, out, wv, wo, batch_first = call.saved[self.index]
         eps, stab = self.eps, self.stabilizer
@@ -266,6 +270,9 @@ class ScaledDotProductAttentionStep(Step):
 
     def output_of(self, call):
         return call.saved[self.index][2]
+
+    def saved_extra(self, call):
+        return (call.saved[self.index][1],)
 
     def relprop(self, msg, call):
         v, attn, o = call.saved[self.index]

@@ -421,6 +421,27 @@ def test_chunked_equals_one_pass(variant):
         assert torch.allclose(a.conservation[n], b.conservation[n], rtol=1e-12, atol=1e-14), n
 
 
+@pytest.mark.parametrize("variant", ["mha", "sdpa"])
+def test_memory_profile_counts_the_attention_weights(variant):
+    """memory_budget's per-sample estimate includes what attention keeps for the relevance pass:
+    A (heads x L x L) per block, plus the value projection and A·V for nn.MultiheadAttention."""
+    model = tiny(variant, dtype=torch.float32, layers=2, tokens=31)
+    x = torch.randn(3, 31, 6)
+    lrp = lrpfast.LRP(model, memory_budget="1GiB")
+    total, largest, _ = lrp._profile(x)
+    outputs = []
+    lrpfast.graph.forward(lrp.plan, x[:1], sizes=outputs)
+    d, heads, n = 16, 2, 32   # TinyTransformer's width and heads; 31 tokens + the class token
+    per_block = heads * n * n + (2 * n * d if variant == "mha" else 0)
+    assert total - sum(outputs) == 2 * per_block * 4   # two blocks, float32
+    assert largest == max(outputs)
+    # a budget that holds 3 samples' outputs (and relevance maps) but not their attention weights
+    # too: the batch is split
+    budget = 3 * (sum(outputs) + 3 * largest)
+    assert budget < 3 * (total + 3 * largest)
+    assert lrpfast.LRP(model, memory_budget=budget)._chunk(x, 1) < 3
+
+
 def test_explain_layers_of_the_new_nodes():
     model = small_vit(layers=1)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
