@@ -277,3 +277,28 @@ def test_cuda_peak_memory_reads_the_devices_own_counters(monkeypatch):
     dev = torch.device("cuda", 1)
     assert [c for c in fake.calls if c != "record"] == [("sync", dev), ("allocated", dev), ("reset", dev),
                                                          ("sync", dev), ("max", dev)]
+
+
+def test_peers_skip_transformers_with_a_reason():
+    """zennit and captum have no rules for LayerNorm/attention: a skip that says so, not a crash
+    mid-benchmark (zennit's hooks raised on nn.MultiheadAttention's tuple output)."""
+    from lrpfast.bench.implementations import Skip
+    from lrpfast.bench.peers import captum_impl, zennit_impl
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4)
+    w = Workload("ln", model, x, model(x).argmax(1), "epsilon", 1e-6, "sign", "logit")
+    for impl, peer in ((zennit_impl, "zennit"), (captum_impl, "captum")):
+        if not _peer_installed(peer):
+            continue
+        with pytest.raises(Skip, match="LayerNorm or attention"):
+            impl(w)
+
+
+def test_vit_workload_has_a_live_head():
+    """torchvision zero-initialises the ViT head; the workload must not explain zero logits."""
+    pytest.importorskip("torchvision")
+    from lrpfast.bench.workloads import build_model
+
+    model = build_model("vit_b_16")
+    assert model.heads.head.weight.abs().sum() > 0

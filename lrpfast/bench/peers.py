@@ -63,11 +63,18 @@ def _zennit_canonizers(w: Workload):
     return None
 
 
+def _transformer_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.LayerNorm, nn.MultiheadAttention)) for m in model.modules())
+
+
 def zennit_impl(w: Workload) -> Impl:
     try:
         import zennit  # noqa: F401
     except ImportError:
         raise Skip("zennit is not installed (pip install zennit)") from None
+    if _transformer_layers(w.model):
+        # its module hooks fail on nn.MultiheadAttention's tuple output (a RuntimeError otherwise)
+        raise Skip("zennit has no rules for LayerNorm or attention")
     model = _own_copy(w.model)
     composite = _zennit_composite(w)
     stack = contextlib.ExitStack()
@@ -121,6 +128,8 @@ def captum_impl(w: Workload) -> Impl:
         raise Skip(f"captum has no composite matching {w.composite!r} (ε rule only here)")
     if w.init != "logit":
         raise Skip("captum starts from the target output (init='logit') only")
+    if _transformer_layers(w.model):
+        raise Skip("captum's LRP has no rules for LayerNorm or attention")
     try:
         chain_layers(w.model)
     except NotImplementedError:

@@ -13,9 +13,12 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         try:
             import torchvision
-        except ImportError as exc:  # optional: only these two models need it
+        except ImportError as exc:  # optional: only the torchvision models need it
             raise ImportError(f"model {name!r} needs torchvision ({exc})") from exc
-        return getattr(torchvision.models, name)(weights=None)
+        model = getattr(torchvision.models, name)(weights=None)
+        if name.startswith("vit"):  # torchvision zero-initialises the ViT head: zero logits, zero maps
+            nn.init.normal_(model.heads.head.weight, std=model.hidden_dim ** -0.5)
+        return model
 
     return build
 
@@ -26,6 +29,7 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...], List[int], str
     "mnist-notebook": (lambda: seed_mnist_cnn("notebook"), (1, 28, 28), [64, 256], "uniform[-1,1]"),
     "vgg16": (_torchvision("vgg16"), (3, 224, 224), [4], "normal"),
     "resnet50": (_torchvision("resnet50"), (3, 224, 224), [4], "normal"),
+    "vit_b_16": (_torchvision("vit_b_16"), (3, 224, 224), [4], "normal"),  # LayerNorm, attention (CP-LRP)
 }
 
 
