@@ -124,14 +124,18 @@ def model_figures(device, name, batch, size, rounds, res=None):
     """Fills and returns `res`: {dtype: figures}, one dtype at a time."""
     import torchvision
 
+    def build():  # a ViT fixes its image size (16x16 patches): built for `size`
+        kwargs = {"image_size": size} if name.startswith("vit") else {}
+        return getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    model = build()
     if name.startswith("vit"):  # torchvision zero-initialises the ViT head: zero logits, zero maps
         torch.nn.init.normal_(model.heads.head.weight, std=model.hidden_dim ** -0.5)
     res = {} if res is None else res
     x_cpu = torch.randn(batch, 3, size, size)
     # The reference: CPU float64 on the first two samples.
-    model64 = getattr(torchvision.models, name)(weights=None).eval()
+    model64 = build()
     model64.load_state_dict(model.state_dict())
     model64 = model64.double()
     with torch.no_grad():
@@ -141,7 +145,7 @@ def model_figures(device, name, batch, size, rounds, res=None):
     del model64
     timer = Timer(device)
     for dtype in (torch.float32, torch.bfloat16):
-        m = getattr(torchvision.models, name)(weights=None).eval()
+        m = build()
         m.load_state_dict(model.state_dict())
         m = m.to(device, dtype)
         x = x_cpu.to(device, dtype)
@@ -253,8 +257,9 @@ def main():
         parts.append(("profile", lambda: profile_breakdown(device, "vgg16", 2 if tiny else 64, 32 if tiny else 224,
                                                            os.path.join(out_dir, "profile.txt"))))
         # a transformer (LayerNorm, attention: lrpfast/transformer.py), last: the first part a
-        # time cap cuts (no target in issue 7; the ratio is for RESULTS.md). ViT needs 224x224.
-        parts.append(("vit_b_16", lambda: model_figures(device, "vit_b_16", 2 if tiny else 64, 224, 1 if tiny else 10,
+        # time cap cuts (no target in issue 7; the ratio is for RESULTS.md)
+        parts.append(("vit_b_16", lambda: model_figures(device, "vit_b_16", 2 if tiny else 64, 32 if tiny else 224,
+                                                        2 if tiny else 10,
                                                         res=info["models"].setdefault("vit_b_16", {}))))
     try:
         for name, part in parts:
