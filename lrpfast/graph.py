@@ -4,7 +4,8 @@
     call = forward(plan, x, fuse_pools)                    logits; every step saves what it needs
     rel  = relevance(plan, call, r0, record)               relevance at the input, K*B rows
 
-Transformer nodes (LayerNorm, attention) have their steps in lrpfast/transformer.py.
+Transformer nodes (LayerNorm, attention) have their steps in lrpfast/transformer.py; torch's
+nn.TransformerEncoder/Decoder(Layer) are traced through their slow path, written out below.
 
 Tracing is torch.fx's symbolic tracing, with every layer lrpfast has a rule for kept as one node
 (also subclasses of those layers and lrpfast's rel* wrappers). Nested containers are traced
@@ -35,6 +36,7 @@ from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
 from . import transformer as T
+from .torch_transformers import slow_path as _slow_path
 from .ops import RelevanceError
 
 # ============================================================================= what has a rule
@@ -81,7 +83,8 @@ SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, MaxPool/AvgPool/AdaptiveA
              "Flatten/Unflatten, residual add, torch.cat, mean over non-batch dims, "
              "view/reshape/flatten/squeeze/unsqueeze/permute/transpose/contiguous, "
              "LayerNorm (module, F.layer_norm), MultiheadAttention (module; output [0]), "
-             "F.scaled_dot_product_attention, basic indexing x[:, ...] (ints, slices, None, ...), "
+             "F.scaled_dot_product_attention, nn.TransformerEncoder(Layer)/TransformerDecoder(Layer) (their slow "
+             "path, traced through), basic indexing x[:, ...] (ints, slices, None, ...), "
              "parameters and tensors computed from them only (expand, ...; constants: no relevance), torch._assert")
 
 _LEAVES = (nn.Linear, *_CONV, *canonize.BATCH_NORMS, *_MAXPOOL, *_AVGPOOL, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX, *_DROPOUT,
@@ -96,7 +99,15 @@ class _Tracer(fx.Tracer):
     proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if _slow_path(m) is not None:
+            return False  # traced through, by call_module below
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        slow = _slow_path(m)
+        if slow is not None:  # torch's transformer modules: their slow path, from their own pieces
+            forward = lambda *a, **k: slow(self, m, *a, **k)  # noqa: E731
+        return super().call_module(m, forward, args, kwargs)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -489,6 +500,9 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         return cls(name, _callable(node), ref(node.args), ref(node.kwargs), _load, *extra, **kw)
 
     # ---- elementwise activations and identities
+    if not is_method and getattr(t, "lrpfast_nested_padding", False):
+        step = N.PassStep(name, t, ref(node.args), ref(node.kwargs), _load, "TransformerEncoder padding", True)
+        return add(step, node, first_node_arg(node))  # relevance passes; the mask (a constant) gets none
     if (not is_method and t in _RELU_FUNCTIONS) or (is_method and t in ("relu", "relu_")):
         step = N.PassStep(name, None, None, None, None, what, True, is_relu=True)
         step.nonnegative_output = True

@@ -468,7 +468,7 @@ class MeanStep(_EpsilonStep):
     def relprop(self, msg, call):
         x, z, dims = call.saved[self.index]
         s = self._s(msg, call)
-        n = math.prod(x.shape[d] for d in dims)
+        n = math.prod([x.shape[d] for d in dims])  # a list: dynamo refuses a generator here
         if not self.keepdim:
             for d in sorted(dims):
                 s = s.unsqueeze(d)

@@ -96,3 +96,23 @@ def test_inductor_compiles_the_whole_call():
     compiled = torch.compile(lambda x: lrp(x, t), fullgraph=True)
     assert rel_err(compiled(x), lrp(x, t)) < 1e-5
     assert rel_err(compiled(2 * x), lrp(2 * x, t)) < 1e-5    # a second call reuses the graph
+
+
+def test_mean_pooling_compiles_fullgraph():
+    """A global average written as x.mean(dims) (MeanStep) traces without a break: its relevance
+    step once built the divisor from a generator, which dynamo refused under fullgraph."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()
+
+    class MeanHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = model, torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x).mean((2, 3)))
+
+    lrp = lrpfast.LRP(MeanHead().eval())
+    x = torch.randn(3, 1, 8, 8)
+    compiled = torch.compile(lambda x: lrp(x), fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(x), lrp(x)) < 1e-6
