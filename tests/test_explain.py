@@ -133,6 +133,26 @@ def test_torchvision_name_with_state_dict(tmp_path):
     torch.testing.assert_close(saved["relevance"], lrpfast.LRP(model)(x), rtol=1e-4, atol=1e-6)
 
 
+def test_transformer_by_torchvision_name(tmp_path):
+    """`--model vit_b_16`: a transformer (LayerNorm, attention, class token) through the CLI, the
+    same map as the API."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.get_model("vit_b_16", weights=None, num_classes=3).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.05)  # torchvision's zero head: zero maps
+    torch.save(model.state_dict(), tmp_path / "vit.pt")
+    x = torch.rand(1, 3, 224, 224)
+    torch.save(x, tmp_path / "x.pt")
+    out = tmp_path / "out"
+    assert explain(tmp_path / "x.pt", "--model", "vit_b_16", "--num-classes", 3, "--weights", tmp_path / "vit.pt",
+                   "--target", "top2", "--out", out, "--save-relevance", "--grid", 0) == 0
+    saved = torch.load(out / "relevance.pt", weights_only=True)
+    want = lrpfast.LRP(model)(x, model(x).topk(2, 1).indices)
+    assert saved["relevance"].shape == (1, 2, 3, 224, 224)
+    torch.testing.assert_close(saved["relevance"], want, rtol=1e-4, atol=1e-7)
+    assert len(os.listdir(out / "heatmaps")) == 2
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing input", "does not exist"),
     ("unreadable image", "cannot read image"),
