@@ -122,16 +122,14 @@ def rel_err(a, b):
 
 def model_figures(device, name, batch, size, rounds, res=None):
     """Fills and returns `res`: {dtype: figures}, one dtype at a time."""
-    import torchvision
+    from lrpfast.bench.workloads import torchvision_model
 
     def build():  # a ViT fixes its image size (16x16 patches): built for `size`
         kwargs = {"image_size": size} if name.startswith("vit") else {}
-        return getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+        return torchvision_model(name, **kwargs).eval()
 
     torch.manual_seed(0)
     model = build()
-    if name.startswith("vit"):  # torchvision zero-initialises the ViT head: zero logits, zero maps
-        torch.nn.init.normal_(model.heads.head.weight, std=model.hidden_dim ** -0.5)
     res = {} if res is None else res
     x_cpu = torch.randn(batch, 3, size, size)
     # The reference: CPU float64 on the first two samples.

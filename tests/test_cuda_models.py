@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lrpfast
+from lrpfast.bench.workloads import torchvision_model
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -31,9 +32,7 @@ def test_model_map_matches_cpu_float64(name, device, dtype):
     size = 224 if device == "cuda" else 64
     # ViT fixes its image size (16x16 patches): 64x64 is 16 tokens, 224x224 the usual 196
     kwargs = {"image_size": size} if name.startswith("vit") else {}
-    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
-    if name.startswith("vit"):  # torchvision zero-initialises the ViT head: zero logits, zero maps
-        torch.nn.init.normal_(model.heads.head.weight, std=model.hidden_dim ** -0.5)
+    model = torchvision_model(name, **kwargs).eval()   # a ViT with a random head (torchvision's is 0)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         t = model(x).argmax(1)

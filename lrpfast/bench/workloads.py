@@ -9,18 +9,21 @@ import torch.nn as nn
 from ..models import seed_mnist_cnn
 
 
-def _torchvision(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        try:
-            import torchvision
-        except ImportError as exc:  # optional: only the torchvision models need it
-            raise ImportError(f"model {name!r} needs torchvision ({exc})") from exc
-        model = getattr(torchvision.models, name)(weights=None)
-        if name.startswith("vit"):  # torchvision zero-initialises the ViT head: zero logits, zero maps
-            nn.init.normal_(model.heads.head.weight, std=model.hidden_dim ** -0.5)
-        return model
+def torchvision_model(name: str, **kwargs) -> nn.Module:
+    """torchvision's `name` with random weights (never downloaded), kwargs to its constructor. A ViT
+    gets a random head: torchvision zero-initialises it (zero logits, zero maps)."""
+    try:
+        import torchvision
+    except ImportError as exc:  # optional: only the torchvision models need it
+        raise ImportError(f"model {name!r} needs torchvision ({exc})") from exc
+    model = getattr(torchvision.models, name)(weights=None, **kwargs)
+    if name.startswith("vit"):
+        nn.init.normal_(model.heads.head.weight, std=model.hidden_dim ** -0.5)
+    return model
 
-    return build
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    return lambda: torchvision_model(name)
 
 
 # name -> (constructor, input shape without the batch, default batch sizes, input range)
