@@ -65,8 +65,12 @@ def kernel_bandwidth(device, nbytes, reps, out=None):
         zp, idx = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
         x_shape, x_numel = x.shape, x.numel()
         del x
-        cases["max_pool_relprop"] = (lambda: ops.max_pool_relprop(zp, idx, x_shape),
+        # geometry given (2x2 stride 2: disjoint windows): the cell kernel; without it, the zero
+        # fill and atomic scatter of any geometry (the before, side by side; same bytes counted)
+        cases["max_pool_relprop"] = (lambda: ops.max_pool_relprop(zp, idx, x_shape, kernel_size=2),
                                      zp.numel() * (es + 8) + x_numel * es)
+        cases["max_pool_relprop (scatter)"] = (lambda: ops.max_pool_relprop(zp, idx, x_shape),
+                                               zp.numel() * (es + 8) + x_numel * es)
         # the rule ops (csrc/cuda/rules.cu) on a conv-like (64, 64, L) layout, channels at dim 1;
         # a paired tensor (two branches) is twice an unpaired one
         r3, z3, p3 = a.view(64, 64, -1), b.view(64, 64, -1), c.view(64, 64, -1)
@@ -162,11 +166,22 @@ def model_figures(device, name, batch, size, rounds, res=None):
         tt = t_all.to(device)
         err_lrp = rel_err(lrp(x[:2], tt), ref_lrp)
         err_grad = rel_err(floor_fn(m, x[:2], tt), ref_grad)
+        exact = {}
+        if dtype == torch.float32 and device.type == "cuda":
+            # cuDNN convolutions default to TF32 (10-bit mantissa) on Hopper, for LRP and the floor
+            # alike: the errors above are that arithmetic's. Once more in true float32.
+            saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                exact = {"rel_err_lrp_vs_cpu_f64_no_tf32": rel_err(lrp(x[:2], tt), ref_lrp),
+                         "rel_err_grad_vs_cpu_f64_no_tf32": rel_err(floor_fn(m, x[:2], tt), ref_grad)}
+            finally:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
         res[str(dtype).replace("torch.", "")] = {
             "batch": batch, "size": size, "median_s": med,
             "spread_s": {k: [min(v), max(v)] for k, v in times.items()},
             "ratio_to_floor": med["lrpfast"] / med["floor"],
-            "rel_err_lrp_vs_cpu_f64": err_lrp, "rel_err_grad_vs_cpu_f64": err_grad,
+            "rel_err_lrp_vs_cpu_f64": err_lrp, "rel_err_grad_vs_cpu_f64": err_grad, **exact,
         }
         del m, x, lrp
         if device.type == "cuda":
@@ -284,7 +299,10 @@ def summary_lines(info, errors=()):
         for dt, r in per.items():
             lines.append(f"{name} {dt} b{r['batch']}: floor {1e3 * r['median_s']['floor']:.2f} ms, lrpfast "
                          f"{1e3 * r['median_s']['lrpfast']:.2f} ms, ratio {r['ratio_to_floor']:.3f}; rel err vs CPU f64: "
-                         f"lrp {r['rel_err_lrp_vs_cpu_f64']:.1e} (grad {r['rel_err_grad_vs_cpu_f64']:.1e})")
+                         f"lrp {r['rel_err_lrp_vs_cpu_f64']:.1e} (grad {r['rel_err_grad_vs_cpu_f64']:.1e})"
+                         + (f"; TF32 off: lrp {r['rel_err_lrp_vs_cpu_f64_no_tf32']:.1e} "
+                            f"(grad {r['rel_err_grad_vs_cpu_f64_no_tf32']:.1e})"
+                            if "rel_err_lrp_vs_cpu_f64_no_tf32" in r else ""))
     lines += [f"FAILED {e}" for e in errors]
     return lines
 

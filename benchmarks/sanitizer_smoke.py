@@ -1,5 +1,5 @@
 """Every lrpfast kernel once on small inputs (all dtypes, vectorised and scalar paths, K > 1,
-channels_last, overlapping max-pool windows), checked against the float64 fallback. Small on
+channels_last, overlapping and disjoint max-pool windows), checked against the float64 fallback. Small on
 purpose: it runs under compute-sanitizer memcheck/racecheck in benchmarks/gpu_check.sh."""
 import argparse
 import sys
@@ -54,6 +54,17 @@ def main() -> int:
         r = torch.randn(4, *zp.shape[1:], device=dev, dtype=dtype)
         check("max_pool_relprop 2d overlap k=2", ops.max_pool_relprop(r, idx, x.shape),
               _fallback.max_pool_relprop(r.double(), idx, list(x.shape)), dtype)
+        # disjoint windows (the cell kernel: every input element written once, no zero fill):
+        # 2x2 on an odd-sized plane (uncovered tail), 1d with gaps and padding, 3d; K = 2 maps
+        for dims, size, kw in ((2, (9, 10), dict(kernel_size=2)),
+                               (1, (11,), dict(kernel_size=2, stride=3, padding=1)),
+                               (3, (5, 4, 6), dict(kernel_size=(1, 2, 3), stride=(2, 2, 3), padding=(0, 1, 1)))):
+            x = torch.randn(2, 3, *size, device=dev, dtype=dtype)
+            pool = getattr(torch.nn.functional, f"max_pool{dims}d")
+            zp, idx = pool(x, **kw, return_indices=True)
+            r = torch.randn(4, *zp.shape[1:], device=dev, dtype=dtype)
+            check(f"max_pool_relprop {dims}d disjoint k=2", ops.max_pool_relprop(r, idx, x.shape, **kw),
+                  _fallback.max_pool_relprop(r.double(), idx, list(x.shape)), dtype)
         # a conv layer step in channels_last (exercises the layout handling and cuDNN in between)
         conv = torch.nn.Conv2d(3, 8, 3, padding=1).to(dev, dtype).to(memory_format=torch.channels_last)
         xc = torch.randn(2, 3, 8, 8, device=dev, dtype=dtype).to(memory_format=torch.channels_last)

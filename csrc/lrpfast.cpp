@@ -20,7 +20,9 @@ TORCH_LIBRARY(lrpfast, m) {
   m.def(
       "conv_relprop(Tensor r, Tensor x, Tensor z, Tensor weight, int[] stride, int[] padding, "
       "int[] dilation, int groups, float eps, str stabilizer) -> Tensor");
-  m.def("max_pool_relprop(Tensor r, Tensor indices, SymInt[] input_size) -> Tensor");
+  // stride/padding: the forward's, given only when its windows do not overlap (then each input
+  // element is written once, without a zero fill and atomics); empty: any pooling geometry.
+  m.def("max_pool_relprop(Tensor r, Tensor indices, SymInt[] input_size, int[] stride=[], int[] padding=[]) -> Tensor");
   m.def(
       "avg_pool_relprop(Tensor r, Tensor x, Tensor z, int[] kernel_size, int[] stride, int[] padding, "
       "bool ceil_mode, bool count_include_pad, int? divisor_override, float eps, str stabilizer) -> Tensor");

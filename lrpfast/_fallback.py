@@ -110,9 +110,12 @@ def conv_relprop(r, x, z, weight, stride, padding, dilation, groups: int, eps: f
     return mul_input(c, x)
 
 
-def max_pool_relprop(r, indices, input_size: Sequence[int]):
+def max_pool_relprop(r, indices, input_size: Sequence[int], stride: Sequence[int] = (),
+                     padding: Sequence[int] = ()):
     """Winner-take-all: each window's relevance goes to the input its forward picked (the
-    indices of max_pool*d(return_indices=True)); overlapping windows add up."""
+    indices of max_pool*d(return_indices=True)); overlapping windows add up. stride/padding
+    (given when the windows are disjoint) only let a kernel skip the zero fill: the map is the
+    same, so the scatter here ignores them."""
     b, c = indices.shape[:2]
     k = r.shape[0] // b if b else 1
     plane_in = 1

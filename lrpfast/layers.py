@@ -195,7 +195,10 @@ class _relMaxPool(_RelLayer):
 
     def _relprop(self, r: torch.Tensor, use_rho: bool) -> torch.Tensor:
         x, _ = self._cached(r)
-        return ops.max_pool_relprop(r, self.indices, x.shape, where=f"{type(self).__name__}.relprop")
+        m = self.module
+        return ops.max_pool_relprop(r, self.indices, x.shape, where=f"{type(self).__name__}.relprop",
+                                    kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                                    dilation=m.dilation)
 
 
 class relMaxPool1d(_relMaxPool):

@@ -561,10 +561,15 @@ class MaxPoolStep(Step):
                 else:
                     zg = zd.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
                 s = divide(msg, zg, eps, stabilizer)
-                return [(self.src, Msg(DIVIDED, ops.max_pool_relprop(s, idx, in_shape, where=self.name),
-                                       self.prediv, True))]
-        r = ops.max_pool_relprop(materialize(msg), idx, in_shape, where=self.name)
+                return [(self.src, Msg(DIVIDED, self._scatter(s, idx, in_shape), self.prediv, True))]
+        r = self._scatter(materialize(msg), idx, in_shape)
         return [(self.src, Msg(DENSE, r, None, True))]
+
+    def _scatter(self, r, idx, in_shape):
+        if self.pool is not None:  # adaptive: windows of varying size, no stride
+            return ops.max_pool_relprop(r, idx, in_shape, where=self.name)
+        return ops.max_pool_relprop(r, idx, in_shape, where=self.name, kernel_size=self.kernel_size,
+                                    stride=self.stride, padding=self.padding, dilation=self.dilation)
 
     def zero_preserving(self, plan):
         return plan.users_zero_preserving(self.index)

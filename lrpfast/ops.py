@@ -185,8 +185,14 @@ def conv_relprop(r, x, z, weight, stride=1, padding: Union[int, Sequence[int], s
     return _impl("conv_relprop")(r, x, z, weight, stride, padding, dilation, int(groups), float(eps), stabilizer)
 
 
-def max_pool_relprop(r, indices, input_size: Sequence[int], where: str = "max_pool_relprop"):
-    """Winner-take-all step of a MaxPool1d/2d/3d layer from its forward's indices."""
+def max_pool_relprop(r, indices, input_size: Sequence[int], where: str = "max_pool_relprop", *,
+                     kernel_size=None, stride=None, padding=0, dilation=1):
+    """Winner-take-all step of a MaxPool1d/2d/3d layer from its forward's indices.
+
+    kernel_size/stride/padding/dilation: the forward's (optional). When its windows do not overlap
+    (dilation*(kernel-1)+1 <= stride in every dim, e.g. 2x2 stride 2), the CUDA kernel writes each
+    input element once instead of zero-filling the map and scattering atomic adds into it; any
+    geometry gives the same map."""
     _check_tensor(where, "r", r)
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
         raise TypeError(f"{where}: indices must be the int64 indices of the forward (return_indices=True)")
@@ -198,7 +204,23 @@ def max_pool_relprop(r, indices, input_size: Sequence[int], where: str = "max_po
             f"{where}: input_size {input_size} does not match indices of shape {tuple(indices.shape)}"
         )
     _check_rows(where, r, "indices", indices, indices.shape[1:])
-    return _impl("max_pool_relprop")(r, indices.contiguous(), input_size)
+    cells = _disjoint_cells(where, indices.dim() - 2, kernel_size, stride, padding, dilation)
+    return _impl("max_pool_relprop")(r, indices.contiguous(), input_size, *cells)
+
+
+def _disjoint_cells(where: str, dims: int, kernel_size, stride, padding, dilation):
+    """(stride, padding) of a pooling whose windows do not overlap, else ([], []): the cells
+    [c*stride - padding, c*stride - padding + stride) then hold one window each."""
+    if kernel_size is None or dims < 1:
+        return [], []
+    kernel_size = _ints(where, "kernel_size", kernel_size, dims)
+    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else \
+        _ints(where, "stride", stride, dims)
+    padding = _ints(where, "padding", padding, dims)
+    dilation = _ints(where, "dilation", dilation, dims)
+    disjoint = all(d * (k - 1) + 1 <= s and 0 <= p < s
+                   for k, s, p, d in zip(kernel_size, stride, padding, dilation))
+    return (stride, padding) if disjoint else ([], [])
 
 
 def avg_pool_relprop(r, x, z, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
@@ -267,7 +289,7 @@ def _register_fakes() -> None:
         return rows_like_x(r, x)
 
     @register_fake("lrpfast::max_pool_relprop")
-    def _(r, indices, input_size):
+    def _(r, indices, input_size, stride=(), padding=()):
         return r.new_empty((r.shape[0], *input_size[1:]))
 
     @register_fake("lrpfast::avg_pool_relprop")

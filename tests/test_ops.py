@@ -138,7 +138,13 @@ class MaxPoolCase(Case):
         return {"x": x, "indices": indices, "z": pooled}
 
     def run(self, t):
-        return ops.max_pool_relprop(t["r"], t["indices"], t["x"].shape)
+        # the forward's geometry, as the layers pass it: disjoint windows take the CUDA cell kernel
+        return ops.max_pool_relprop(t["r"], t["indices"], t["x"].shape, kernel_size=self.kernel,
+                                    stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+    @property
+    def disjoint(self) -> bool:
+        return bool(ops._disjoint_cells("test", self.dims, self.kernel, self.stride, self.padding, self.dilation)[0])
 
     def oracle(self, t):
         return winner_take_all_oracle(lambda x: self.forward(t, x), t["x"], t["r"])
@@ -281,6 +287,12 @@ MAX_POOL_CASES = [
     MaxPoolCase("maxpool3d", 3, 2, 4, 2),
     MaxPoolCase("maxpool3d-overlap-pad-ceil", 3, 2, 5, 3, stride=2, padding=1, ceil_mode=True),
     MaxPoolCase("maxpool3d-dil2", 3, 2, 5, 2, stride=1, dilation=2),
+    # disjoint windows (span <= stride): one cell per window, uncovered tails and gaps get 0
+    MaxPoolCase("maxpool2d-odd-tail", 2, 3, (7, 9), 2),
+    MaxPoolCase("maxpool2d-gap", 2, 2, (8, 10), 2, stride=3),
+    MaxPoolCase("maxpool2d-pad-ceil-disjoint", 2, 2, 7, 2, stride=2, padding=1, ceil_mode=True),
+    MaxPoolCase("maxpool1d-dil2-gap", 1, 3, 11, 2, stride=3, dilation=2),
+    MaxPoolCase("maxpool3d-rect-disjoint", 3, 2, (5, 4, 6), (1, 2, 3), stride=(2, 2, 3), padding=(0, 1, 1)),
 ]
 
 AVG_POOL_CASES = [
@@ -427,6 +439,39 @@ def test_zero_spatial_max_pool(device, impl):
     # an empty output plane over a non-empty input: all zeros
     out = ops.max_pool_relprop(torch.randn(4, 3, 0, 4, device=device), indices, (2, 3, 5, 8))
     assert out.shape == (4, 3, 5, 8) and not out.any()
+
+
+DISJOINT_MAX_POOL_CASES = [c for c in MAX_POOL_CASES if c.disjoint]
+
+
+def test_disjoint_max_pool_cases_exist():
+    assert len(DISJOINT_MAX_POOL_CASES) >= 6 and len(DISJOINT_MAX_POOL_CASES) < len(MAX_POOL_CASES)
+
+
+@pytest.mark.parametrize("case", DISJOINT_MAX_POOL_CASES, ids=repr)
+@pytest.mark.parametrize("k", [1, 3])
+def test_max_pool_cells_equal_scatter(case, k, device, dtype, impl):
+    """Disjoint windows: the cell kernel (geometry given) writes every input element, the winner
+    exactly r (no additions), so it equals the scatter bit for bit, even over a poisoned buffer."""
+    t = case.make(device, batch=3, k=k)
+    r, idx = t["r"].to(dtype), t["indices"]
+    scatter = ops.max_pool_relprop(r, idx, t["x"].shape)
+    # a freed buffer of NaNs of the output's size: the next allocation of that size reuses it, so
+    # an element the kernel leaves unwritten shows up as NaN
+    torch.full_like(scatter, float("nan"))
+    cells = case.run({"r": r, "indices": idx, "x": t["x"]})
+    assert not cells.isnan().any()
+    assert torch.equal(cells, scatter)
+
+
+@pytest.mark.skipif(not lrpfast.build_info()["extension_loaded"], reason="the C++ argument checks")
+def test_max_pool_cells_checked_in_cpp(device):
+    idx = torch.zeros(1, 1, 2, 2, dtype=torch.long, device=device)
+    r = torch.randn(1, 1, 2, 2, device=device)
+    with pytest.raises(RuntimeError, match=r"max_pool_relprop: stride \[2, 2\] and padding \[2, 0\] do not fit"):
+        torch.ops.lrpfast.max_pool_relprop(r, idx, [1, 1, 4, 4], [2, 2], [2, 0])
+    with pytest.raises(RuntimeError, match=r"max_pool_relprop: stride \[2\] and padding \[0\] must both"):
+        torch.ops.lrpfast.max_pool_relprop(r, idx, [1, 1, 4, 4], [2], [0])
 
 
 # ----------------------------------------------------------------------------- layouts

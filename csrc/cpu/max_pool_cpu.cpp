@@ -59,8 +59,10 @@ void relprop_planes(const MaxPoolArgs& a, int64_t p0, int64_t p1) {
   }
 }
 
-at::Tensor max_pool_relprop_cpu(const at::Tensor& r, const at::Tensor& indices, at::IntArrayRef input_size) {
-  auto a = prepare_max_pool(r, indices, input_size);
+// stride/padding are checked but not needed: a plane is summed in cache, zero fill included.
+at::Tensor max_pool_relprop_cpu(const at::Tensor& r, const at::Tensor& indices, at::IntArrayRef input_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding) {
+  auto a = prepare_max_pool(r, indices, input_size, stride, padding, /*gather_kernel=*/false);
   const int64_t planes = a.rows * a.channels;
   if (planes == 0 || a.plane_out == 0) return a.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "max_pool_relprop", [&] {

@@ -28,8 +28,10 @@ struct ElementwiseParams {
 
 cudaError_t launch_elementwise(ElementwiseOp op, const ElementwiseParams& p, cudaStream_t stream);
 
-// out (rows, C, plane_in) += scatter of r (rows, C, plane_out) at indices (rows / k, C, plane_out).
-// `out` must be zeroed by the caller.
+// out (rows, C, plane_in) = winner-take-all of r (rows, C, plane_out) at indices (rows / k, C,
+// plane_out). Scatter (any geometry): `out` zeroed by the caller, overlapping windows add up.
+// Disjoint windows (dims > 0): each pooled element writes its whole cell of the input, the
+// winner r and the rest 0, so `out` needs no initialisation.
 struct MaxPoolParams {
   void* out;
   const void* r;
@@ -40,6 +42,11 @@ struct MaxPoolParams {
   int64_t plane_in;
   int64_t k;
   int32_t dtype;
+  int32_t dims = 0;  // 1-3: disjoint windows with the geometry below; 0: scatter
+  int64_t in_size[3] = {1, 1, 1};
+  int64_t pooled_size[3] = {1, 1, 1};
+  int64_t stride[3] = {1, 1, 1};
+  int64_t padding[3] = {0, 0, 0};
 };
 
 cudaError_t launch_max_pool_relprop(const MaxPoolParams& p, cudaStream_t stream);

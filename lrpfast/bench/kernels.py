@@ -55,7 +55,8 @@ def run_kernels(mib: float = 256, dtype: torch.dtype = torch.float32, device="cp
         "stab_div": (lambda: ops.stab_div(r, z, eps, "sign"), 3 * n * e),
         "mul_input": (lambda: ops.mul_input(r, x), 3 * n * e),
         "mul_stab_div": (lambda: ops.mul_stab_div(r, x, z, eps, "sign"), 4 * n * e),
-        "max_pool_relprop": (lambda: ops.max_pool_relprop(r, idx, t["pool_input_size"]), n * e + n * 8 + 4 * n * e),
+        "max_pool_relprop": (lambda: ops.max_pool_relprop(r, idx, t["pool_input_size"], kernel_size=2),
+                             n * e + n * 8 + 4 * n * e),
     }
     impls = (["extension"] if _ext.HAS_EXT else []) + ["fallback"]
     calls: Dict[str, object] = {"copy_/torch": lambda: t["dst"].copy_(r)}
