@@ -189,6 +189,65 @@ def model_figures(device, name, batch, size, rounds, res=None):
     return res
 
 
+def _interleaved(timer, impls, rounds):
+    """Median seconds per impl, rounds interleaved (drift hits every impl alike), after warm-up."""
+    for fn in impls.values():
+        fn(), fn()
+    times = {k: [] for k in impls}
+    for _ in range(rounds):
+        for k, fn in impls.items():
+            times[k] += timer(fn, 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def latency_figures(device, names, batches, size, rounds, res=None):
+    """Small batches, float32: where launch overhead rather than bandwidth could decide the ratio
+    to the floor (the case for CUDA graphs). Fills `res`: {"name b": {floor, lrpfast, ratio}}."""
+    from lrpfast.bench.workloads import torchvision_model
+
+    res = {} if res is None else res
+    timer = Timer(device)
+    for name in names:
+        torch.manual_seed(0)
+        m = torchvision_model(name).eval().to(device)
+        lrp = lrpfast.LRP(m)
+        for b in batches:
+            x = torch.randn(b, 3, size, size, device=device)
+            with torch.no_grad():
+                t = m(x).argmax(1)
+            med = _interleaved(timer, {"floor": lambda: floor_fn(m, x, t), "lrpfast": lambda: lrp(x, t)}, rounds)
+            res[f"{name} b{b}"] = dict(med, ratio=med["lrpfast"] / med["floor"])
+    return res
+
+
+def max_pool_ab(device, batch, size, rounds, res=None):
+    """vgg16 ε LRP, float32, with max_pool_relprop's cell kernel (the layers pass the pooling
+    geometry) against the zero fill + atomic scatter (geometry withheld), side by side."""
+    from lrpfast import ops
+    from lrpfast.bench.workloads import torchvision_model
+
+    res = {} if res is None else res
+    torch.manual_seed(0)
+    m = torchvision_model("vgg16").eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        t = m(x).argmax(1)
+    lrp = lrpfast.LRP(m)
+    cells = ops._disjoint_cells
+
+    def scatter():
+        ops._disjoint_cells = lambda *a, **k: ([], [])
+        try:
+            return lrp(x, t)
+        finally:
+            ops._disjoint_cells = cells
+
+    a, b = lrp(x, t), scatter()
+    med = _interleaved(Timer(device), {"cells": lambda: lrp(x, t), "scatter": scatter}, rounds)
+    res.update(med, batch=batch, same_map=bool(torch.equal(a, b)), ratio=med["cells"] / med["scatter"])
+    return res
+
+
 def profile_table(prof, cuda: bool):
     """(sort key, top-20 table) of a finished torch.profiler run: by device time on a GPU. The
     column is "device_time_total" since torch 2.4 ("cuda_time_total" before, still accepted as an
@@ -269,6 +328,11 @@ def main():
                   for name in ("vgg16", "resnet50")]
         parts.append(("profile", lambda: profile_breakdown(device, "vgg16", 2 if tiny else 64, 32 if tiny else 224,
                                                            os.path.join(out_dir, "profile.txt"))))
+        info["latency"], info["max_pool_ab"] = {}, {}
+        parts.append(("latency", lambda: latency_figures(device, ("vgg16", "resnet50"), (1, 8), 32 if tiny else 224,
+                                                         3 if tiny else 20, res=info["latency"])))
+        parts.append(("max_pool_ab", lambda: max_pool_ab(device, 2 if tiny else 64, 32 if tiny else 224,
+                                                         2 if tiny else 10, res=info["max_pool_ab"])))
         # a transformer (LayerNorm, attention: lrpfast/transformer.py), last: the first part a
         # time cap cuts (no target in issue 7; the ratio is for RESULTS.md)
         parts.append(("vit_b_16", lambda: model_figures(device, "vit_b_16", 2 if tiny else 64, 32 if tiny else 224,
@@ -303,6 +367,15 @@ def summary_lines(info, errors=()):
                          + (f"; TF32 off: lrp {r['rel_err_lrp_vs_cpu_f64_no_tf32']:.1e} "
                             f"(grad {r['rel_err_grad_vs_cpu_f64_no_tf32']:.1e})"
                             if "rel_err_lrp_vs_cpu_f64_no_tf32" in r else ""))
+    lat = info.get("latency", {})
+    if lat:
+        lines.append("latency float32: " + "; ".join(
+            f"{k}: floor {1e3 * v['floor']:.2f} ms, lrpfast {1e3 * v['lrpfast']:.2f} ms ({v['ratio']:.2f}x)"
+            for k, v in lat.items()))
+    ab = info.get("max_pool_ab", {})
+    if "ratio" in ab:
+        lines.append(f"vgg16 float32 b{ab['batch']} LRP: max-pool cells {1e3 * ab['cells']:.2f} ms, scatter "
+                     f"{1e3 * ab['scatter']:.2f} ms ({ab['ratio']:.3f}x), same map: {ab['same_map']}")
     lines += [f"FAILED {e}" for e in errors]
     return lines
 
