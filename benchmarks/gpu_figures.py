@@ -242,9 +242,21 @@ def max_pool_ab(device, batch, size, rounds, res=None):
         finally:
             ops._disjoint_cells = cells
 
-    a, b = lrp(x, t), scatter()
     med = _interleaved(Timer(device), {"cells": lambda: lrp(x, t), "scatter": scatter}, rounds)
-    res.update(med, batch=batch, same_map=bool(torch.equal(a, b)), ratio=med["cells"] / med["scatter"])
+    res.update(med, batch=batch, ratio=med["cells"] / med["scatter"])
+    # The two pooling kernels give the same map bit for bit (tests/test_ops.py); the whole model's
+    # map also goes through cuDNN, whose default algorithms may differ from run to run (H100,
+    # 2026-11-26: torch.equal of the two model maps was False). So: the difference between the
+    # kernels next to the run-to-run difference of one, and bitwise equality under deterministic
+    # cuDNN.
+    a1, a2, b = lrp(x, t), lrp(x, t), scatter()
+    res.update(rel_diff_cells_vs_scatter=rel_err(b, a1), rel_diff_run_to_run=rel_err(a2, a1))
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        res["same_map_deterministic"] = bool(torch.equal(lrp(x, t), scatter()))
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
     return res
 
 
@@ -297,6 +309,8 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="CPU-sized dry run")
     p.add_argument("--out", default="figures.json")
+    p.add_argument("--only", default="", help="comma-separated parts to run (kernels, vgg16, resnet50, profile, "
+                                              "latency, max_pool_ab, vit_b_16): a part cut or missed before, alone")
     args = p.parse_args()
     device = torch.device(args.device)
     tiny = args.tiny
@@ -338,6 +352,12 @@ def main():
         parts.append(("vit_b_16", lambda: model_figures(device, "vit_b_16", 2 if tiny else 64, 32 if tiny else 224,
                                                         2 if tiny else 10,
                                                         res=info["models"].setdefault("vit_b_16", {}))))
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {name for name, _ in parts}
+        if unknown:
+            p.error(f"--only: no part named {', '.join(sorted(unknown))}")
+        parts = [(name, part) for name, part in parts if name in wanted]
     try:
         for name, part in parts:
             try:  # one part failing (a bug on this device) must not cost the other parts' figures
@@ -375,7 +395,10 @@ def summary_lines(info, errors=()):
     ab = info.get("max_pool_ab", {})
     if "ratio" in ab:
         lines.append(f"vgg16 float32 b{ab['batch']} LRP: max-pool cells {1e3 * ab['cells']:.2f} ms, scatter "
-                     f"{1e3 * ab['scatter']:.2f} ms ({ab['ratio']:.3f}x), same map: {ab['same_map']}")
+                     f"{1e3 * ab['scatter']:.2f} ms ({ab['ratio']:.3f}x); maps differ by "
+                     f"{ab.get('rel_diff_cells_vs_scatter', float('nan')):.1e} (run to run "
+                     f"{ab.get('rel_diff_run_to_run', float('nan')):.1e}); bitwise equal under deterministic "
+                     f"cuDNN: {ab.get('same_map_deterministic')}")
     lines += [f"FAILED {e}" for e in errors]
     return lines
 
