@@ -181,6 +181,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=1e-6, help="ε (default 1e-6)")
     g.add_argument("--stabilizer", choices=("sign", "plus"), default="sign", help="z + ε·sign(z) (default) or z + ε (seed)")
     g.add_argument("--init", choices=("logit", "onehot"), default="logit", help="initial relevance (default: the target logit)")
+    g.add_argument("--attention", choices=("cp", "attnlrp"), default="cp",
+                   help="rule of attention blocks: cp (weights held constant, default) or attnlrp (through the "
+                        "softmax to queries and keys)")
     g.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
                    help="extra LRP parameter, e.g. gamma=0.25 (repeatable)")
     g.add_argument("--target", default="argmax", help="argmax (default), a class index, topK (e.g. top3), or label")
@@ -259,7 +262,7 @@ def _run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: CUDA is not available")
     normalize = _normalizer(args, channels)
-    lrp_kwargs = dict(args.param, stabilizer=args.stabilizer, init=args.init)
+    lrp_kwargs = dict(args.param, stabilizer=args.stabilizer, init=args.init, attention=args.attention)
     if args.composite == "epsilon_gamma_box" and "low" not in lrp_kwargs and "high" not in lrp_kwargs:
         # z^B needs the input's bounds: the loaders give [0, 1], so they are 0 and 1 after the
         # normalisation (per channel). Other ranges: --param low=... --param high=...

@@ -223,6 +223,7 @@ class Plan:
         self.output = -1
         self.free_after: List[List[int]] = []
         self._zp: List[Optional[bool]] = []
+        self.attention = "cp"   # the attention steps' rule (lrpfast/transformer.py)
 
     def users_zero_preserving(self, i: int) -> bool:
         """Every consumer of step i sends 0 relevance where step i's output is 0 (and i is not the
@@ -245,9 +246,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str) -> Plan:
+def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str, attention: str = "cp") -> Plan:
     gm = trace(model)
     plan = Plan(gm)
+    plan.attention = T.check_attention_rule("LRP", attention)
     index = {}        # fx node -> step index
     steps = plan.steps
 
@@ -453,10 +455,12 @@ def _attention_step(plan, node, m, index, add, eps, stabilizer):
     if fixed["is_causal"] and b["attn_mask"] is None:
         raise RelevanceError(f"LRP: node {node.name!r}: is_causal=True needs attn_mask (nn.MultiheadAttention "
                              "takes it as a hint only)")
-    step = T.MultiheadAttentionStep(node.name, m, _loader(fixed), eps, stabilizer)
+    step = T.MultiheadAttentionStep(node.name, m, _loader(fixed), eps, stabilizer, plan.attention)
     add(step, node, b["value"])
     step.value_src = step.src
     step.qkv_steps = [fixed[k].i for k in ("query", "key", "value")]
+    if plan.attention == "attnlrp":   # relevance reaches the query and key inputs too
+        step.inputs = list(dict.fromkeys(step.qkv_steps))
     return step
 
 
@@ -471,9 +475,12 @@ def _sdpa_step(plan, node, index, add, eps, stabilizer):
         raise RelevanceError(f"LRP: node {node.name!r} (scaled_dot_product_attention) uses enable_gqa=True, which has "
                              "no relevance rule")
     step = T.ScaledDotProductAttentionStep(node.name, _loader(fixed), _constant(node, "is_causal", b["is_causal"]),
-                                           _constant(node, "scale", b["scale"]), eps, stabilizer)
+                                           _constant(node, "scale", b["scale"]), eps, stabilizer, plan.attention)
     add(step, node, b["value"])
     step.value_src = step.src
+    step.query_src, step.key_src = fixed["query"].i, fixed["key"].i
+    if plan.attention == "attnlrp":
+        step.inputs = list(dict.fromkeys([step.query_src, step.key_src, step.value_src]))
     return step
 
 
@@ -724,10 +731,11 @@ def _finish(plan: Plan, rule_for: Callable) -> None:
 
 
 def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optional[list] = None,
-            extra: Optional[list] = None) -> N.Call:
+            extra: Optional[list] = None, scratch: Optional[list] = None) -> N.Call:
     """Run the model's forward step by step; returns the call state (logits in call.logits).
     `sizes` (a list) receives the bytes of every step's output tensors, `extra` those of what
-    steps keep besides (Step.saved_extra: attention weights)."""
+    steps keep besides (Step.saved_extra: attention weights), `scratch` what their relevance
+    pass will hold per map (Step.relprop_scratch)."""
     steps = plan.steps
     call = N.Call(steps, fuse_pools)
     env: list = [None] * len(steps)
@@ -761,6 +769,8 @@ def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optiona
                          if isinstance(t, torch.Tensor))
             if extra is not None:
                 extra.extend(t.numel() * t.element_size() for t in s.saved_extra(call))
+            if scratch is not None:
+                scratch.append(s.relprop_scratch(call))
         for j in free_after[i]:
             env[j] = None
     if call.bdim.get(plan.output, 0):

@@ -155,11 +155,15 @@ class LRP:
                      and x_nonnegative, but no tensors x, z yet.
     batch_size       at most this many samples per chunk
     memory_budget    bytes (or "2GiB", "512MB") one chunk may use, estimated per input shape
+    attention        the rule of attention blocks (nn.MultiheadAttention, F.scaled_dot_product_attention):
+                     "cp" (the attention weights held constant, relevance to the values only; Ali et al.
+                     2022) or "attnlrp" (through the softmax to queries and keys too; Achtibat et al.
+                     2024). lrpfast/transformer.py has both rules.
     """
 
     def __init__(self, model: nn.Module, eps: float = DEFAULT_EPS, stabilizer: str = "sign", init: str = "logit",
                  composite=None, batch_size: Optional[int] = None, memory_budget: Union[int, str, None] = None,
-                 **composite_params):
+                 attention: str = "cp", **composite_params):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LRP: model must be an nn.Module, got {type(model).__name__}")
         ops.check_stabilizer("LRP", eps, stabilizer)
@@ -174,12 +178,14 @@ class LRP:
         self.memory_budget = _parse_budget(memory_budget)
         rule_for, self.composite_name = _rule_resolver(composite, self.eps, stabilizer, composite_params)
         with torch.no_grad():
-            self.plan = graph.build_plan(model, rule_for, self.eps, stabilizer)
+            self.plan = graph.build_plan(model, rule_for, self.eps, stabilizer, attention)
+        self.attention = attention
         self._per_sample: dict = {}
 
     def __repr__(self):
         return f"LRP({type(self.model).__name__}, composite={self.composite_name}, eps={self.eps}, " \
-               f"stabilizer={self.stabilizer!r}, init={self.init!r})\n{self.plan.describe()}"
+               f"stabilizer={self.stabilizer!r}, init={self.init!r}, attention={self.attention!r})\n" \
+               f"{self.plan.describe()}"
 
     @property
     def node_names(self):
@@ -221,11 +227,12 @@ class LRP:
 
     def _profile(self, x):
         """(Σ bytes of all step outputs and of what steps keep besides (attention weights), bytes
-        of the largest output) for one sample, and the bytes of the weights: from a forward on
-        shapes only (FakeTensorMode), once per input shape."""
+        of the largest output) for one sample, the bytes of the weights, and the largest scratch
+        one step's relevance pass holds per map (AttnLRP's attention-sized temporaries): from a
+        forward on shapes only (FakeTensorMode), once per input shape."""
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         if key not in self._per_sample:
-            sizes, extra = [], []
+            sizes, extra, scratch = [], [], []
             for s in self.plan.steps:  # refresh folded weights with real tensors, not fake ones
                 if isinstance(s, N.ContractionStep):
                     s.params()
@@ -234,16 +241,16 @@ class LRP:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
                 with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    graph.forward(self.plan, mode.from_tensor(x1), sizes=sizes, extra=extra)
+                    graph.forward(self.plan, mode.from_tensor(x1), sizes=sizes, extra=extra, scratch=scratch)
             except Exception:  # noqa: BLE001 (an op without a fake kernel: measure for real)
-                sizes, extra = [], []
+                sizes, extra, scratch = [], [], []
                 try:
                     with torch.no_grad():
-                        graph.forward(self.plan, x1, sizes=sizes, extra=extra)
+                        graph.forward(self.plan, x1, sizes=sizes, extra=extra, scratch=scratch)
                 except Exception:  # noqa: BLE001 (bad input: the call itself reports it, with x's shape)
                     return None
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            self._per_sample[key] = (sum(sizes) + sum(extra), max(sizes, default=0), weights)
+            self._per_sample[key] = (sum(sizes) + sum(extra), max(sizes, default=0), weights, max(scratch, default=0))
         return self._per_sample[key]
 
     def _schedule(self, x, k: int):
@@ -256,10 +263,11 @@ class LRP:
         profile = self._profile(x)
         if profile is None:  # the input does not fit the model: the call will say so
             return fixed, k
-        total, largest, weights = profile
+        total, largest, weights, scratch = profile
         chunk = fixed
         if self.batch_size is None and self.memory_budget is not None:
-            per_sample = total + 3 * k * largest  # outputs kept, plus a few relevance maps per target
+            # outputs kept, plus a few relevance maps per target, or one step's scratch if larger
+            per_sample = total + k * max(3 * largest, scratch + largest)
             chunk = max(1, min(b, self.memory_budget // max(1, per_sample)))
         elif self.batch_size is None and cpu and b * largest > self.HEAP_TENSOR:
             n = -(-b // max(1, self.HEAP_TENSOR // max(1, largest)))

@@ -152,6 +152,11 @@ class Step:
         weights): the memory scheduler counts them (lrp.LRP._profile)."""
         return ()
 
+    def relprop_scratch(self, call: Call) -> int:
+        """Bytes of temporaries this step's relevance pass holds per relevance map beyond the
+        messages themselves (AttnLRP: attention-sized tensors); lrp.LRP._profile takes the largest."""
+        return 0
+
     def denominator(self, call: Call):
         return None
 

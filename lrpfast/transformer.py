@@ -18,6 +18,28 @@ The non-linear parts are held constant, which makes each block linear in what ca
 With a tiny ε these rules give gradient × input of the model in which σ and A are detached and
 every activation f is replaced by x·(f(x)/x).detach() (tests/test_lrp_transformers.py checks that).
 
+`LRP(model, attention="attnlrp")` sends relevance through the attention weights as well, by the
+rules of AttnLRP (Achtibat et al. 2024, "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation
+for Transformers"); LayerNorm and the activations keep the rules above:
+
+- The two products A V and Q Kᵀ, bilinear in two relevance-carrying inputs, split the ε rule's
+  relevance evenly between their factors (the uniform rule): with S_O = R_O / stab(O),
+        R_V = ½ V ⊙ Aᵀ S_O,   R_A = ½ A ⊙ S_O Vᵀ.
+- The softmax A = softmax(X) (X = scale·Q Kᵀ + masks) takes its Taylor decomposition at X,
+  R_X = X ⊙ (R_A/A − Σ_j A_j R_A,j/A_j) = X ⊙ Jᵀ(R_A / A), J the softmax Jacobian. R_A / A is
+  ½ S_O Vᵀ, so the step needs no division by A (which underflows to 0 where a mask or a large
+  logit gap puts it): G = Jᵀ(½ S_O Vᵀ) is one softmax backward. The masks are constants that
+  absorb their share, as biases do under the ε rule; the logits take no ε of their own (R_X / X
+  at the product is G exactly).
+- Q Kᵀ: R_Q = ½ scale · Q ⊙ G K and R_K = ½ scale · K ⊙ Gᵀ Q. nn.MultiheadAttention's query and
+  key in-projections take the ε rule, as its value and output projections do.
+
+This equals gradient × input of the model in which σ is detached, A V and Q Kᵀ are written
+½(A V.detach() + A.detach() V) (likewise for Q Kᵀ), the softmax is left as it is, and activations
+are linearised as above. The relevance is not conserved through the softmax: the share of the
+constant term of its linearisation is absorbed. The backward keeps two tensors of the attention's
+size per head (K times that for K targets) where CP-LRP keeps one.
+
 Relevance messages carry K*B rows (K targets per sample), the saved forward tensors B rows:
 `_per_sample` views a message as (B, K, ...) where a saved tensor must broadcast over K.
 """
@@ -36,6 +58,52 @@ from .ops import RelevanceError
 def _per_sample(a: torch.Tensor, b: int) -> torch.Tensor:
     """(K*B, ...) as (B, K, ...): sample-major rows, so a view."""
     return a.view(b, a.shape[0] // b, *a.shape[1:])
+
+
+ATTENTION_RULES = ("cp", "attnlrp")
+
+
+def shared_matmul(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """s @ w for K maps per sample s (K*B, *, M, N) and a per-sample w (B, *, N, P): (K*B, *, M, P),
+    with w broadcast over the K maps of its sample (no copy)."""
+    b = w.shape[0]
+    k = s.shape[0] // b
+    if k == 1:
+        return torch.matmul(s, w)
+    out = torch.matmul(_per_sample(s, b), w.unsqueeze(1))
+    return out.reshape(b * k, *out.shape[2:])
+
+
+def softmax_rule(attn: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Jᵀ g of the softmax A = attn (B, *, L, S) along its last dim for K maps per sample g
+    (K*B, *, L, S): A ⊙ (g − Σ_j A_j g_j), AttnLRP's softmax rule on R_A / A = g. Overwrites g."""
+    b = attn.shape[0]
+    if g.shape[0] == b:
+        return torch._softmax_backward_data(g, attn, -1, attn.dtype)
+    gv, a = _per_sample(g, b), attn.unsqueeze(1)
+    gv.sub_((gv * a).sum(-1, keepdim=True)).mul_(a)
+    return g
+
+
+def check_attention_rule(where: str, attention: str) -> str:
+    if attention not in ATTENTION_RULES:
+        raise RelevanceError(f"{where}: attention must be one of {ATTENTION_RULES}, got {attention!r}")
+    return attention
+
+
+def _messages(parts):
+    """[(src, c, x)] -> LAZY messages R = x ⊙ c, summed per source (self-attention: q, k and v are
+    one node)."""
+    out = {}
+    for src, c, x in parts:
+        if src in out:
+            prev_c, prev_x = out[src]
+            if prev_x is x:
+                out[src] = (prev_c.add_(c), x)
+                continue
+            src = (src, len(out))   # the same node seen through different views: two messages
+        out[src] = (c, x)
+    return [(src if isinstance(src, int) else src[0], Msg(LAZY, c, x, True)) for src, (c, x) in out.items()]
 
 
 def attend_back(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -118,10 +186,11 @@ class MultiheadAttentionStep(Step):
     op = "MultiheadAttention"
     batch_anywhere = True   # batch_first=False: (L, B, E) in and out
 
-    def __init__(self, name, module, load, eps, stabilizer):
+    def __init__(self, name, module, load, eps, stabilizer, attention="cp"):
         super().__init__(name)
         self.module, self.load = module, load
         self.eps, self.stabilizer = eps, stabilizer
+        self.attention = attention
         self.args = self.kwargs = None
         m = module
         for attr, what in (("bias_k", "add_bias_kv=True"), ("bias_v", "add_bias_kv=True")):
@@ -172,6 +241,8 @@ class MultiheadAttentionStep(Step):
             qp, kp, vp = F.linear(q, m.in_proj_weight.detach(),
                                   None if m.in_proj_bias is None else m.in_proj_bias.detach()).split(e, -1)
             vp = vp.contiguous()
+            if self.attention == "attnlrp":
+                qp, kp = qp.contiguous(), kp.contiguous()
         else:
             qp, kp, vp = F.linear(q, wq, bq), F.linear(k, wk, bk), F.linear(v, wv, bv)
         qh = qp.reshape(b, lq, h, hd).transpose(1, 2)
@@ -197,29 +268,54 @@ class MultiheadAttentionStep(Step):
         scores = None
         o = torch.matmul(attn, vh).transpose(1, 2).reshape(b, lq, e)
         out = F.linear(o, wo, bo)
-        call.saved[self.index] = (v, vp, attn, o, out, wv, wo, m.batch_first)
+        qk = (q, k, qp, kp, wq, wk) if self.attention == "attnlrp" else None
+        call.saved[self.index] = (v, vp, attn, o, out, wv, wo, m.batch_first, qk)
         weights = None
         if a["need_weights"]:
             weights = attn.mean(1) if a["average_attn_weights"] else attn
         return (out if m.batch_first else out.transpose(0, 1)), weights
 
     def saved_extra(self, call):
-        _, vp, attn, o, *_ = call.saved[self.index]
-        return vp, attn, o   # B·H·L·S for A: often more than the block's activations
+        _, vp, attn, o, *_, qk = call.saved[self.index]
+        # B·H·L·S for A: often more than the block's activations
+        return (vp, attn, o) if qk is None else (vp, attn, o, qk[2], qk[3])
+
+    def relprop_scratch(self, call):
+        attn, qk = call.saved[self.index][2], call.saved[self.index][-1]
+        # AttnLRP: the softmax rule's input and output, each the size of A per map
+        return 0 if qk is None else 2 * attn.numel() * attn.element_size()
 
     def relprop(self, msg, call):
-        v, vp, attn, o, out, wv, wo, batch_first = call.saved[self.index]
+        v, vp, attn, o, out, wv, wo, batch_first, qk = call.saved[self.index]
         eps, stab = self.eps, self.stabilizer
         s = divide(msg, out, eps, stab)                         # out-projection: R / stab(out)
         c = torch.matmul(s, wo)                                 # Woᵀ s
         s = ops.mul_stab_div(c, o, o, eps, stab)                # O = A V: R_O / stab(O)
         kb, lq, e = s.shape
-        h = attn.shape[1]
-        sh = s.view(kb, lq, h, e // h).transpose(1, 2)          # per head (K*B, H, L, hd)
+        b, h, _, s_len = attn.shape
+        hd = e // h
+        sh = s.view(kb, lq, h, hd).transpose(1, 2)              # per head (K*B, H, L, hd)
         c = attend_back(attn, sh).transpose(1, 2).reshape(kb, -1, e)   # Aᵀ s, (K*B, S, E)
+        if qk is not None:
+            c.mul_(0.5)                                         # AttnLRP: half of A V's relevance to V
         s = ops.mul_stab_div(c, vp, vp, eps, stab)              # value projection: R_V / stab(V)
         c = torch.matmul(s, wv)                                 # Wvᵀ s
-        return [(self.value_src, Msg(LAZY, c, v, True))]
+        if qk is None:
+            return [(self.value_src, Msg(LAZY, c, v, True))]
+        q, k, qp, kp, wq, wk = qk
+        # the other half to A, through the softmax (one backward) to the logits scale·Q Kᵀ
+        vh = vp.view(b, s_len, h, hd).transpose(1, 2)           # (B, H, S, hd)
+        g = softmax_rule(attn, shared_matmul(sh, vh.transpose(-1, -2)))   # (K*B, H, L, S)
+        g.mul_(0.25 / math.sqrt(hd))        # ½ of A V's relevance to A, ½ of that to each of Q, K
+        qh = qp.view(b, lq, h, hd).transpose(1, 2)
+        kh = kp.view(b, s_len, h, hd).transpose(1, 2)
+        cq = shared_matmul(g, kh).transpose(1, 2).reshape(kb, lq, e)                  # at Q
+        ck = shared_matmul(g.transpose(-1, -2), qh).transpose(1, 2).reshape(kb, s_len, e)   # at K
+        g = None
+        cq = torch.matmul(ops.mul_stab_div(cq, qp, qp, eps, stab), wq)     # query projection (ε)
+        ck = torch.matmul(ops.mul_stab_div(ck, kp, kp, eps, stab), wk)     # key projection (ε)
+        qs, ks, vs = self.qkv_steps
+        return _messages([(vs, c, v), (qs, cq, q), (ks, ck, k)])
 
     def zero_preserving(self, plan):
         return True  # R_v = v ⊙ c
@@ -233,10 +329,11 @@ class ScaledDotProductAttentionStep(Step):
     fresh_output = True
     has_denominator = True
 
-    def __init__(self, name, load, is_causal, scale, eps, stabilizer):
+    def __init__(self, name, load, is_causal, scale, eps, stabilizer, attention="cp"):
         super().__init__(name)
         self.load, self.is_causal, self.scale = load, bool(is_causal), scale
         self.eps, self.stabilizer = eps, stabilizer
+        self.attention = attention
 
     def forward(self, env, call):
         a = self.load(env)
@@ -262,7 +359,8 @@ class ScaledDotProductAttentionStep(Step):
                                  f"attention weights {tuple(attn.shape)}; give value the query's batch and head dims "
                                  "(enable_gqa and broadcasting have no relevance rule)")
         o = torch.matmul(attn, v)
-        call.saved[self.index] = (v, attn, o)
+        qk = (q, k, scale) if self.attention == "attnlrp" else None
+        call.saved[self.index] = (v, attn, o, qk)
         return o
 
     def denominator(self, call):
@@ -274,10 +372,23 @@ class ScaledDotProductAttentionStep(Step):
     def saved_extra(self, call):
         return (call.saved[self.index][1],)
 
+    def relprop_scratch(self, call):
+        _, attn, _, qk = call.saved[self.index]
+        return 0 if qk is None else 2 * attn.numel() * attn.element_size()
+
     def relprop(self, msg, call):
-        v, attn, o = call.saved[self.index]
+        v, attn, o, qk = call.saved[self.index]
         s = msg.a if msg.kind == DIVIDED else divide(msg, o, self.eps, self.stabilizer)
-        return [(self.value_src, Msg(LAZY, attend_back(attn, s), v, True))]
+        c = attend_back(attn, s)
+        if qk is None:
+            return [(self.value_src, Msg(LAZY, c, v, True))]
+        q, k, scale = qk
+        c.mul_(0.5)                                                        # AttnLRP (module docstring)
+        g = softmax_rule(attn, shared_matmul(s, v.transpose(-1, -2)))     # (K*B, ..., L, S)
+        g.mul_(0.25 * scale)                # ½ of A V's relevance to A, ½ of that to each of Q, K
+        cq = shared_matmul(g, k)
+        ck = shared_matmul(g.transpose(-1, -2), q)
+        return _messages([(self.value_src, c, v), (self.query_src, cq, q), (self.key_src, ck, k)])
 
     def zero_preserving(self, plan):
         return True

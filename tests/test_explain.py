@@ -133,9 +133,10 @@ def test_torchvision_name_with_state_dict(tmp_path):
     torch.testing.assert_close(saved["relevance"], lrpfast.LRP(model)(x), rtol=1e-4, atol=1e-6)
 
 
-def test_transformer_by_torchvision_name(tmp_path):
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+def test_transformer_by_torchvision_name(tmp_path, attention):
     """`--model vit_b_16`: a transformer (LayerNorm, attention, class token) through the CLI, the
-    same map as the API."""
+    same map as the API, with either attention rule."""
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = tv.models.get_model("vit_b_16", weights=None, num_classes=3).eval()
@@ -145,9 +146,9 @@ def test_transformer_by_torchvision_name(tmp_path):
     torch.save(x, tmp_path / "x.pt")
     out = tmp_path / "out"
     assert explain(tmp_path / "x.pt", "--model", "vit_b_16", "--num-classes", 3, "--weights", tmp_path / "vit.pt",
-                   "--target", "top2", "--out", out, "--save-relevance", "--grid", 0) == 0
+                   "--target", "top2", "--attention", attention, "--out", out, "--save-relevance", "--grid", 0) == 0
     saved = torch.load(out / "relevance.pt", weights_only=True)
-    want = lrpfast.LRP(model)(x, model(x).topk(2, 1).indices)
+    want = lrpfast.LRP(model, attention=attention)(x, model(x).topk(2, 1).indices)
     assert saved["relevance"].shape == (1, 2, 3, 224, 224)
     torch.testing.assert_close(saved["relevance"], want, rtol=1e-4, atol=1e-7)
     assert len(os.listdir(out / "heatmaps")) == 2

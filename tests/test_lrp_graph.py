@@ -194,7 +194,8 @@ def test_memory_budget_sizes_chunks_by_estimate():
     lrp = lrpfast.LRP(model, memory_budget="8MiB")
     x = torch.randn(64, 1, 28, 28)
     chunk = lrp._chunk(x, 1)
-    total, largest, weights = lrp._per_sample[(tuple(x.shape[1:]), x.dtype, x.device)]
+    total, largest, weights, scratch = lrp._per_sample[(tuple(x.shape[1:]), x.dtype, x.device)]
+    assert scratch == 0                                       # no step holds scratch beyond its maps
     assert largest == 4 * 64 * 24 * 24                        # the second conv's output, one sample
     assert total > 4 * (32 * 26 * 26 + 64 * 24 * 24) and weights > 4 * 9216 * 128
     assert chunk == (8 << 20) // (total + 3 * largest) and 1 <= chunk < 64

@@ -2,7 +2,7 @@
 decoder pair), which the tracer replaces by their slow path written from their pieces
 (lrpfast/graph.py). Checked against the module's own forward (eval, no autograd: what LRP runs)
 and against the CP-LRP oracle of tests/test_lrp_transformers.py (gradient × input of a
-hand-written copy with σ and A detached and activations x·(f(x)/x).detach()).
+hand-written copy with σ and A detached and activations x·(f(x)/x).detach()), and its AttnLRP twin.
 """
 from __future__ import annotations
 
@@ -135,6 +135,18 @@ def test_encoder_classifier_equals_module_and_oracle(variant):
         assert (e.relevance[:, -2:].abs().max() == 0) == nested
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_encoder_classifier_attnlrp_equals_its_oracle(variant):
+    """attention="attnlrp" through torch's encoder layers: the oracle with both attention products
+    split evenly and the softmax's own gradient (tests/test_lrp_transformers.py)."""
+    model = classifier(variant)
+    x = torch.randn(3, TOKENS, 5, dtype=torch.float64)
+    t = torch.tensor([0, 3, 2])
+    want = oracle(ref_classifier, model, x, t, attention="attnlrp")
+    assert rel_l2(lrpfast.LRP(model, eps=0.0, attention="attnlrp")(x, t), want) < 1e-12
+    assert rel_l2(lrpfast.LRP(model, eps=0.0)(x, t), want) > 1e-3
+
+
 def test_padding_follows_the_modules_nested_tensor_path():
     """Without autograd an eval TransformerEncoder with a padding mask zeroes the padded tokens
     (nested tensors), with autograd (or the fast path off) it computes them: LRP follows the
@@ -252,6 +264,9 @@ def test_decoder_equals_module_and_oracle(norm_first):
         assert (e.logits - model(x)).abs().max() < 1e-12
     assert rel_l2(e.relevance, oracle(ref_encoder_decoder, model, x, t)) < 1e-12
     assert "decoder_layers_1_multihead_attn" in e.layers and "decoder_layers_0_residual3" in e.layers
+    # AttnLRP: the cross-attention's queries (decoder) and keys (encoder memory) take relevance too
+    want = oracle(ref_encoder_decoder, model, x, t, attention="attnlrp")
+    assert rel_l2(lrpfast.LRP(model, eps=0.0, attention="attnlrp")(x, t), want) < 1e-12
 
 
 # ============================================================================= what is refused

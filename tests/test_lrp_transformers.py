@@ -139,12 +139,23 @@ def ref_act(f, x):
     return x * (f(x) / x).detach()                                            # identity rule
 
 
+ATTENTION_RULE = ["cp"]   # the rule the oracle models: oracle(..., attention=) sets it
+
+
+def half_product(a, b):
+    """a @ b whose gradient reaches each factor at half weight: AttnLRP's uniform rule."""
+    return 0.5 * (a @ b.detach() + a.detach() @ b)
+
+
 def ref_attention(q, k, v, additive=None):
-    """(B, H, L, hd) each; A detached (constant)."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    """(B, H, L, hd) each. CP-LRP: A detached (constant). AttnLRP: both products uniform, the
+    softmax differentiated as it is."""
+    attnlrp = ATTENTION_RULE[0] == "attnlrp"
+    scores = (half_product if attnlrp else torch.matmul)(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if additive is not None:
         scores = scores + additive
-    return torch.softmax(scores, -1).detach() @ v
+    a = torch.softmax(scores, -1)
+    return half_product(a, v) if attnlrp else a.detach() @ v
 
 
 def neg_inf(mask):
@@ -208,11 +219,15 @@ def ref_vit(m, x):
     return m.heads(x[:, 0])
 
 
-def oracle(ref, model, x, t):
+def oracle(ref, model, x, t, attention="cp"):
     """x ⊙ ∂f_t/∂x of the modified model."""
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(ref(model, x).gather(1, t[:, None]).sum(), x)
+    ATTENTION_RULE[0] = attention
+    try:
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(ref(model, x).gather(1, t[:, None]).sum(), x)
+    finally:
+        ATTENTION_RULE[0] = "cp"
     return (x * g).detach()
 
 
@@ -315,6 +330,94 @@ def test_cross_attention_sends_relevance_to_the_value_node_only():
     assert "fv" in e.layers and "fq" not in e.layers and "fk" not in e.layers
     assert e.layers["attn"].shape == (3, 4, 7)                     # at the value input (vdim 7)
     assert e.relevance[:, 4:].abs().max() == 0                     # rows only the query saw
+
+
+# ============================================================================= AttnLRP
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_attnlrp_equals_its_modified_gradient_times_input(variant):
+    """attention="attnlrp": the products A V and Q Kᵀ split evenly, the softmax's own gradient."""
+    model = tiny(variant)
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    t = torch.tensor([0, 3, 4])
+    want = oracle(ref_tiny, model, x, t, attention="attnlrp")
+    lrp = lrpfast.LRP(model, eps=0.0, attention="attnlrp")
+    assert rel_l2(lrp(x, t), want) < 1e-12
+    assert rel_l2(lrpfast.LRP(model, eps=1e-12, attention="attnlrp")(x, t), want) < 1e-6
+    # the two rules give different maps, each its own oracle's: either test can fail
+    assert rel_l2(lrpfast.LRP(model, eps=0.0)(x, t), want) > 1e-2
+    assert rel_l2(oracle(ref_tiny, model, x, t), want) > 1e-2
+    assert "attention='attnlrp'" in repr(lrp)
+
+
+@pytest.mark.parametrize("stabilizer", ["sign", "plus"])
+def test_attnlrp_vit(stabilizer):
+    model = small_vit()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    t = torch.tensor([1, 3])
+    want = oracle(ref_vit, model, x, t, attention="attnlrp")
+    assert rel_l2(lrpfast.LRP(model, eps=0.0, stabilizer=stabilizer, attention="attnlrp")(x, t), want) < 1e-12
+    assert rel_l2(lrpfast.LRP(model, eps=1e-12, stabilizer=stabilizer, attention="attnlrp")(x, t), want) < 1e-6
+
+
+def test_attnlrp_cross_attention_reaches_query_and_key():
+    torch.manual_seed(0)
+    model = randomize(Cross()).double().eval()
+    x = torch.randn(3, 6, 6, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2])
+    lrp = lrpfast.LRP(model, eps=0.0, attention="attnlrp")
+    assert rel_l2(lrp(x, t), oracle(ref_cross, model, x, t, attention="attnlrp")) < 1e-12
+    e = lrp.explain(x, t, keep_layers=True)
+    assert {"fq", "fk", "fv"} <= set(e.layers)
+    assert e.layers["attn"][0].shape == (3, 4, 7)                  # value input first (vdim 7), ...
+    assert {m.shape for m in e.layers["attn"][1:]} == {(3, 6, 8), (3, 4, 5)}   # ... then query, key
+    assert e.relevance[:, 4:].abs().max() > 0                      # rows only the query saw
+
+
+@pytest.mark.parametrize("variant", ["mha", "sdpa", "mha_seq_first", "mha_causal_padding_weights"])
+def test_attnlrp_k_targets_and_chunks(variant):
+    model = tiny(variant)
+    x = torch.randn(5, 7, 6, dtype=torch.float64)
+    t = torch.stack([torch.randperm(5)[:3] for _ in range(5)])
+    lrp = lrpfast.LRP(model, attention="attnlrp")
+    both = lrp(x, t)
+    for k in range(3):
+        assert rel_l2(both[:, k], lrp(x, t[:, k])) < 1e-12
+    chunked = lrpfast.LRP(model, attention="attnlrp", batch_size=2)
+    assert rel_l2(chunked(x, t), both) < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["mha", "sdpa"])
+def test_attnlrp_float32_and_bfloat16_agree_with_float64(variant):
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    t = torch.tensor([1, 2, 3])
+    want = lrpfast.LRP(tiny(variant, torch.float64), attention="attnlrp")(x, t)
+    f32 = lrpfast.LRP(tiny(variant, torch.float32), attention="attnlrp")(x.float(), t)
+    assert f32.dtype == torch.float32 and rel_l2(f32, want) < 1e-4
+    bf16 = lrpfast.LRP(tiny(variant, torch.bfloat16), attention="attnlrp")(x.bfloat16(), t)
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all() and rel_l2(bf16, want) < 0.2
+
+
+def test_attnlrp_memory_profile_counts_query_and_key():
+    model = tiny("mha", dtype=torch.float32, layers=2, tokens=31)
+    x = torch.randn(3, 31, 6)
+    cp, attn = lrpfast.LRP(model, memory_budget="1GiB"), lrpfast.LRP(model, memory_budget="1GiB", attention="attnlrp")
+    d, heads, n = 16, 2, 32
+    # two blocks keep the query and key projections (n x d each) besides what CP-LRP keeps
+    assert attn._profile(x)[0] - cp._profile(x)[0] == 2 * 2 * n * d * 4
+    # and the relevance pass holds two attention-sized tensors per map in one block at a time
+    assert attn._profile(x)[3] == 2 * heads * n * n * 4 and cp._profile(x)[3] == 0
+    # a budget CP-LRP fits 3 samples into takes fewer with AttnLRP when its scratch outgrows the maps
+    total, largest, _, scratch = attn._profile(x)
+    assert scratch > 2 * largest
+    budget = 3 * (total + 3 * largest)
+    assert lrpfast.LRP(model, memory_budget=budget, attention="attnlrp")._chunk(x, 1) < 3
+
+
+def test_attention_rule_is_checked():
+    with pytest.raises(RelevanceError, match=r"LRP: attention must be one of \('cp', 'attnlrp'\), got 'attn'"):
+        lrpfast.LRP(tiny("mha"), attention="attn")
 
 
 # ============================================================================= conservation
@@ -428,7 +531,8 @@ def test_memory_profile_counts_the_attention_weights(variant):
     model = tiny(variant, dtype=torch.float32, layers=2, tokens=31)
     x = torch.randn(3, 31, 6)
     lrp = lrpfast.LRP(model, memory_budget="1GiB")
-    total, largest, _ = lrp._profile(x)
+    total, largest, _, scratch = lrp._profile(x)
+    assert scratch == 0                                       # CP-LRP: nothing attention-sized
     outputs = []
     lrpfast.graph.forward(lrp.plan, x[:1], sizes=outputs)
     d, heads, n = 16, 2, 32   # TinyTransformer's width and heads; 31 tokens + the class token
