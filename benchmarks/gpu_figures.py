@@ -124,8 +124,9 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def model_figures(device, name, batch, size, rounds, res=None):
-    """Fills and returns `res`: {dtype: figures}, one dtype at a time."""
+def model_figures(device, name, batch, size, rounds, res=None, attention="cp"):
+    """Fills and returns `res`: {dtype: figures}, one dtype at a time. attention: LRP's rule of
+    attention blocks (transformers)."""
     from lrpfast.bench.workloads import torchvision_model
 
     def build():  # a ViT fixes its image size (16x16 patches): built for `size`
@@ -142,7 +143,7 @@ def model_figures(device, name, batch, size, rounds, res=None):
     model64 = model64.double()
     with torch.no_grad():
         t_all = model(x_cpu[:2]).argmax(1)
-    ref_lrp = lrpfast.LRP(model64)(x_cpu[:2].double(), t_all)
+    ref_lrp = lrpfast.LRP(model64, attention=attention)(x_cpu[:2].double(), t_all)
     ref_grad = floor_fn(model64, x_cpu[:2].double(), t_all)
     del model64
     timer = Timer(device)
@@ -153,7 +154,7 @@ def model_figures(device, name, batch, size, rounds, res=None):
         x = x_cpu.to(device, dtype)
         with torch.no_grad():
             t = m(x).argmax(1)
-        lrp = lrpfast.LRP(m)
+        lrp = lrpfast.LRP(m, attention=attention)
         impls = {"floor": lambda: floor_fn(m, x, t), "lrpfast": lambda: lrp(x, t)}
         for fn in impls.values():  # warm-up (cuDNN heuristics, allocator)
             fn(), fn()
@@ -310,7 +311,8 @@ def main():
     p.add_argument("--tiny", action="store_true", help="CPU-sized dry run")
     p.add_argument("--out", default="figures.json")
     p.add_argument("--only", default="", help="comma-separated parts to run (kernels, vgg16, resnet50, profile, "
-                                              "latency, max_pool_ab, vit_b_16): a part cut or missed before, alone")
+                                              "latency, max_pool_ab, vit_b_16, vit_b_16_attnlrp): a part cut or missed before, "
+                                              "alone")
     args = p.parse_args()
     device = torch.device(args.device)
     tiny = args.tiny
@@ -352,6 +354,10 @@ def main():
         parts.append(("vit_b_16", lambda: model_figures(device, "vit_b_16", 2 if tiny else 64, 32 if tiny else 224,
                                                         2 if tiny else 10,
                                                         res=info["models"].setdefault("vit_b_16", {}))))
+        # AttnLRP (relevance through the softmax): two more attention-sized products per block
+        parts.append(("vit_b_16_attnlrp", lambda: model_figures(
+            device, "vit_b_16", 2 if tiny else 64, 32 if tiny else 224, 2 if tiny else 10,
+            res=info["models"].setdefault("vit_b_16 attnlrp", {}), attention="attnlrp")))
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {name for name, _ in parts}

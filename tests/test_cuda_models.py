@@ -23,11 +23,13 @@ def _floor(model, x, t):
 
 
 @pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in DEVICES])
-@pytest.mark.parametrize("name", ["vgg16", "resnet50", "vit_b_16"])
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "vit_b_16", "vit_b_16:attnlrp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_model_map_matches_cpu_float64(name, device, dtype):
     if not hasattr(lrpfast, "LRP"):
         pytest.skip("lrpfast.LRP not available")
+    name, _, attention = name.partition(":")   # "vit_b_16:attnlrp": AttnLRP in the attention blocks
+    attention = attention or "cp"
     torch.manual_seed(0)
     size = 224 if device == "cuda" else 64
     # ViT fixes its image size (16x16 patches): 64x64 is 16 tokens, 224x224 the usual 196
@@ -36,10 +38,10 @@ def test_model_map_matches_cpu_float64(name, device, dtype):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         t = model(x).argmax(1)
-    ref = lrpfast.LRP(model.double())(x.double(), t)
+    ref = lrpfast.LRP(model.double(), attention=attention)(x.double(), t)
     ref_grad = _floor(model, x.double(), t)
     model = model.to(device, dtype)
-    got = lrpfast.LRP(model)(x.to(device, dtype), t.to(device))
+    got = lrpfast.LRP(model, attention=attention)(x.to(device, dtype), t.to(device))
     assert got.shape == x.shape and got.device.type == device and got.dtype == dtype
     assert torch.isfinite(got).all()
     err = _rel(got, ref)
@@ -48,7 +50,7 @@ def test_model_map_matches_cpu_float64(name, device, dtype):
         """The pure-torch fallback's error on the same device and dtype: the same ATen
         contractions (cuDNN/cuBLAS on a GPU), none of lrpfast's kernels."""
         with lrpfast.use_implementation("fallback"):
-            return _rel(lrpfast.LRP(model)(x.to(device, dtype), t.to(device)), ref)
+            return _rel(lrpfast.LRP(model, attention=attention)(x.to(device, dtype), t.to(device)), ref)
 
     # A transformer is a deep stack of ε divisions on residual sums: its maps are more sensitive to
     # the dtype's rounding of z than the plain gradient (CPU, 64x64: float32 3.1e-3, bfloat16 8.1e-2
