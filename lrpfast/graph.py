@@ -751,7 +751,8 @@ def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optiona
                         f"LRP: {s.describe()} needs the batch dimension first, but {steps[moved].describe()} has it "
                         f"at dim {call.bdim[moved]}. With the batch elsewhere (sequence-first transformers) "
                         "supported are: Linear, LayerNorm, elementwise activations, Dropout, residual add, "
-                        "nn.MultiheadAttention(batch_first=False), basic indexing, permute/transpose")
+                        "nn.MultiheadAttention(batch_first=False), basic indexing, permute/transpose, torch.cat and "
+                        "mean over other dims")
             try:
                 env[i] = s.forward(env, call)
             except RelevanceError:

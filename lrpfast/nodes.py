@@ -449,10 +449,17 @@ class AdaptiveAvgPoolStep(_EpsilonStep):
         return [(self.src, Msg(LAZY, c, x, True))]
 
 
+def _batch_first_dim(d: int, bd: int) -> int:
+    """Dim d of a tensor whose batch is at dim bd, once the batch is moved to dim 0."""
+    return d + 1 if d < bd else d
+
+
 class MeanStep(_EpsilonStep):
-    """x.mean(dims) over non-batch dims (global average pooling written by hand)."""
+    """x.mean(dims) over non-batch dims (global average pooling written by hand; the mean over
+    the tokens of a sequence-first transformer, x.mean(0) with x (L, B, E))."""
 
     op = "mean"
+    batch_anywhere = True
 
     def __init__(self, name, dims, keepdim, eps, stabilizer):
         super().__init__(name, eps, stabilizer)
@@ -460,12 +467,19 @@ class MeanStep(_EpsilonStep):
 
     def forward(self, env, call):
         x = env[self.src]
+        bd = call.bdim.get(self.src, 0)
         dims = tuple(d % x.dim() for d in self.mean_dims)
-        if 0 in dims:
+        if bd in dims:
             raise RelevanceError(f"LRP: {self.describe()} averages over the batch dimension")
-        z = x.mean(dims, keepdim=self.keepdim)
+        out = x.mean(dims, keepdim=self.keepdim)
+        z = out
+        if bd:   # the relevance pass works batch-first: x, z and the dims as views with the batch first
+            out_bd = bd if self.keepdim else bd - sum(d < bd for d in dims)
+            call.bdim[self.index] = out_bd   # explicit, also when 0: the batch moved to the front
+            x, z = x.movedim(bd, 0), (out.movedim(out_bd, 0) if out_bd else out)
+            dims = tuple(_batch_first_dim(d, bd) for d in dims)
         call.saved[self.index] = (x, z, dims)
-        return z
+        return out
 
     def denominator(self, call):
         return call.saved[self.index][1], self.eps, self.stabilizer
@@ -683,10 +697,14 @@ class PermuteStep(Step):
 
 
 class CatStep(Step):
-    """torch.cat along a non-batch dimension: each input gets its slice of the relevance."""
+    """torch.cat along a non-batch dimension: each input gets its slice of the relevance. With the
+    batch off dim 0 (a sequence-first transformer prepending a class token: cat(dim=0) of (1, B, E)
+    and (L, B, E)), every computed input has it at the same dim; the relevance pass works on
+    batch-first views."""
 
     op = "cat"
     fresh_output = True
+    batch_anywhere = True
 
     def __init__(self, name, dim, load_list):
         super().__init__(name)
@@ -695,9 +713,17 @@ class CatStep(Step):
     def forward(self, env, call):
         xs = self.load_list(env)
         d = self.dim % xs[0].dim()
-        if d == 0:
+        bds = {call.bdim.get(i, 0) for i in self.inputs if not isinstance(call.steps[i], ConstStep)}
+        if len(bds) > 1:
+            raise RelevanceError(f"LRP: {self.describe()} concatenates tensors with the batch at different dims "
+                                 f"{sorted(bds)}")
+        bd = bds.pop() if bds else 0
+        if d == bd:
             raise RelevanceError(f"LRP: {self.describe()} concatenates along the batch dimension")
         y = torch.cat(xs, d)
+        if bd:
+            call.bdim[self.index] = bd
+            xs, d = [x.movedim(bd, 0) for x in xs], _batch_first_dim(d, bd)
         call.saved[self.index] = (xs, d)
         return y
 

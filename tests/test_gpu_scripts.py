@@ -68,7 +68,7 @@ def _fake_parts(gpu_figures, monkeypatch, vgg16_error):
                           "stab_div": {"GB_per_s": 9.0, "fraction_of_copy": 0.9}}
         return out
 
-    def model_figures(device, name, batch, size, rounds, res=None):
+    def model_figures(device, name, batch, size, rounds, res=None, attention="cp"):
         for dt in ("float32", "bfloat16"):
             res[dt] = {"batch": batch, "size": size, "median_s": {"floor": 1e-3, "lrpfast": 1.1e-3},
                        "ratio_to_floor": 1.1, "rel_err_lrp_vs_cpu_f64": 1e-4, "rel_err_grad_vs_cpu_f64": 2e-4}

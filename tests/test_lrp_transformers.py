@@ -737,17 +737,88 @@ def test_output_with_the_batch_moved_is_refused():
 
 
 def test_moved_batch_reaches_an_unsupported_step():
-    class SeqMean(nn.Module):
+    class SeqFlatten(nn.Module):
         def __init__(self):
             super().__init__()
-            self.head = nn.Linear(8, 3)
+            self.head = nn.Linear(10, 3)
 
+        def forward(self, x):            # (L, B, E) flattened to (L, B*E): samples would mix
+            return self.head(x.transpose(0, 1).flatten(1).transpose(0, 1))
+
+    with pytest.raises(RelevanceError, match=r"node 'flatten' \(Tensor.flatten\) needs the batch dimension first, "
+                                              r"but node 'transpose' \(Tensor.transpose\) has it at dim 1"):
+        lrpfast.LRP(SeqFlatten())(torch.randn(2, 5, 2))
+
+
+class SeqFirst(nn.Module):
+    """Sequence-first from the embedding on: (B, L, din) -> (L, B, d), the class token prepended
+    with cat(dim=0), positional embedding (L+1, 1, d), batch_first=False blocks, then the mean over
+    the tokens (dim 0, keepdim or not) or the class token x[0]."""
+
+    def __init__(self, din=6, d=16, heads=2, tokens=7, classes=5, pool="mean"):
+        super().__init__()
+        self.pool = pool
+        self.embed = nn.Linear(din, d)
+        self.cls = nn.Parameter(0.5 * torch.randn(1, 1, d))
+        self.pos = nn.Parameter(0.5 * torch.randn(tokens + 1, 1, d))
+        self.blocks = nn.ModuleList([Block(d, heads, seq_first=True) for _ in range(2)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.embed(x).transpose(0, 1)                                  # (L, B, d)
+        x = torch.cat([self.cls.expand(-1, x.shape[1], -1), x], dim=0) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        if self.pool == "mean":
+            return self.head(x.mean(dim=0))
+        if self.pool == "mean_keepdim":
+            return self.head(x.mean(0, keepdim=True)[0])
+        return self.head(x[0])
+
+
+def ref_seq_first(model, x):
+    """SeqFirst, batch-first, with the CP-LRP/AttnLRP modifications of the oracle."""
+    b = x.shape[0]
+    x = x @ model.embed.weight.T + model.embed.bias
+    x = torch.cat([model.cls.expand(b, -1, -1), x], 1) + model.pos.transpose(0, 1)
+    for blk in model.blocks:
+        x = x + ref_mha(blk.attn, *(ref_layer_norm(x, blk.ln1.weight, blk.ln1.bias, blk.ln1.eps),) * 3)
+        y = ref_layer_norm(x, blk.ln2_weight, blk.ln2_bias, 1e-5)
+        x = x + blk.fc2(ref_act(F.gelu, blk.fc1(y)))
+    x = ref_layer_norm(x, model.norm.weight, model.norm.bias, model.norm.eps)
+    return model.head(x[:, 0] if model.pool == "cls" else x.mean(1))
+
+
+@pytest.mark.parametrize("pool", ["mean", "mean_keepdim", "cls"])
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+def test_sequence_first_cat_and_mean(pool, attention):
+    """cat(dim=0) and mean(dim=0) with the batch at dim 1 take their relevance step batch-first."""
+    torch.manual_seed(0)
+    model = randomize(SeqFirst(pool=pool)).double().eval()
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    t = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        assert rel_l2(ref_seq_first(model, x), model(x)) < 1e-13
+    lrp = lrpfast.LRP(model, eps=0.0, attention=attention)
+    want = oracle(ref_seq_first, model, x, t, attention=attention)
+    assert rel_l2(lrp(x, t), want) < 1e-12
+    e = lrp.explain(x, torch.stack([t, (t + 1) % 5], 1), keep_layers=True)
+    assert rel_l2(e.relevance[:, 0], want) < 1e-12
+    assert e.layers["cat"].shape == (3, 2, 7, 16)               # batch-first: the tokens, not the class token
+    if pool != "cls":
+        assert e.layers["mean"].shape == (3, 2, 8, 16)
+
+
+def test_concatenating_along_a_moved_batch_is_refused():
+    class CatBatch(nn.Module):
         def forward(self, x):
-            return self.head(x.transpose(0, 1).mean(dim=0))
+            x = x.transpose(0, 1)                                         # (L, B, E)
+            return torch.cat([x, x], dim=1).transpose(0, 1).mean(1)
 
-    with pytest.raises(RelevanceError, match=r"node 'mean' \(mean\) needs the batch dimension first, but node "
-                                              r"'transpose' \(Tensor.transpose\) has it at dim 1"):
-        lrpfast.LRP(SeqMean())(torch.randn(2, 5, 8))
+    with pytest.raises(RelevanceError, match=r"node 'cat' \(cat\) concatenates along the batch dimension"):
+        lrpfast.LRP(CatBatch())(torch.randn(2, 5, 3))
 
 
 # ============================================================================= torchvision's vit_b_16
