@@ -311,7 +311,7 @@ def _explain_to_pngs(args, model, lrp, targets, dataset, names, device, normaliz
     os.makedirs(args.out, exist_ok=True)
     heat_dir = os.path.join(args.out, "heatmaps")
     style = {"cmap": args.cmap, "normalization": args.normalization, "percentile": args.percentile}
-    keep_rel, keep_t, keep_logits, grid_rel, grid_x, rows = [], [], [], [], [], []
+    keep_rel, keep_t, keep_logits, grid_rel, grid_x = [], [], [], [], []
     start = 0
     try:
         for batch in loader:
