@@ -80,7 +80,8 @@ _SDPA_FUNCTIONS = (F.scaled_dot_product_attention,)
 
 SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d-3d, "
              "elementwise activations (ReLU, ReLU6, LeakyReLU, GELU, SiLU, Tanh, Sigmoid, ...), Dropout, Identity, "
-             "Flatten/Unflatten, residual add, torch.cat, mean over non-batch dims, "
+             "Flatten/Unflatten, residual add, elementwise products (a * b: a constant factor, or two computed "
+             "factors by the uniform rule), torchvision's stochastic depth (eval), torch.cat, mean over non-batch dims, "
              "view/reshape/flatten/squeeze/unsqueeze/permute/transpose/contiguous, "
              "LayerNorm (module, F.layer_norm), MultiheadAttention (module; output [0]), "
              "F.scaled_dot_product_attention, nn.TransformerEncoder(Layer)/TransformerDecoder(Layer) (their slow "
@@ -101,6 +102,10 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if _slow_path(m) is not None:
             return False  # traced through, by call_module below
+        if isinstance(m, nn.LayerNorm) and type(m).forward is not nn.LayerNorm.forward:
+            # a LayerNorm over other dims, written as permutes around F.layer_norm (ConvNeXt's
+            # LayerNorm2d over channels): its own forward says which dims, so it is traced through
+            return False
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -530,6 +535,16 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
                           _load, what, zero)
         step.nonnegative_output = nonneg
         return add(step, node, first_node_arg(node))
+    if not is_method and getattr(t, "__module__", "") == "torchvision.ops.stochastic_depth" \
+            and getattr(t, "__name__", "") == "stochastic_depth":
+        # torchvision's StochasticDepth (EfficientNet, ConvNeXt): the identity in eval mode
+        b = _bind(node, ["input", "p", "mode", "training"], {"training": True})
+        if _constant(node, "training", b["training"]) and _constant(node, "p", b["p"]) > 0:
+            raise RelevanceError(f"LRP: node {name!r} ({what}) drops residual branches at random (training=True); "
+                                 "LRP explains a deterministic function: call model.eval() first")
+        step = generic(N.PassStep, what, True, identity=True)
+        step.preserves_values = True
+        return add(step, node, first_node_arg(node))
     if (not is_method and t in _IDENTITY_FUNCTIONS) or (is_method and t in _IDENTITY_METHODS):
         # dropout: the input itself; contiguous/clone/detach: its values, maybe in a new tensor
         step = generic(N.PassStep, what, True, identity=not is_method)
@@ -555,6 +570,16 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         step = N.AddStep(name, fn, ref(node.args), ref({k: v for k, v in node.kwargs.items()}), _load, eps,
                          stabilizer)
         return add(step, node, None, inputs)
+    if (not is_method and t in N.MUL_FUNCTIONS) or (is_method and t in ("mul", "mul_")):
+        factors = list(node.args) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
+        if len(factors) != 2 or set(node.kwargs) - {"other"}:
+            raise RelevanceError(f"LRP: node {name!r} ({what}) must multiply two operands")
+        idx = [index[a] if isinstance(a, fx.Node) and steps[index[a]].tensor_output
+               and not isinstance(steps[index[a]], N.ConstStep) else None for a in factors]
+        fn = torch.mul if (is_method or t is torch.mul) else operator.mul  # never in place
+        step = N.MulStep(name, fn, ref(node.args), ref({k: v for k, v in node.kwargs.items()}), _load, eps,
+                         stabilizer, idx)
+        return add(step, node, None, [i for i in idx if i is not None])
     if not is_method and t in _CAT_FUNCTIONS:
         b = _bind(node, ["tensors", "dim"], {"dim": 0})
         dim = _constant(node, "dim", b["dim"])

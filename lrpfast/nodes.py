@@ -531,6 +531,80 @@ class AddStep(_EpsilonStep):
         return [(i, Msg(LAZY, s, t, False)) for i, t in zip(self.inputs, operands)]
 
 
+class MulStep(_EpsilonStep):
+    """a * b, elementwise (broadcasting within the sample). With s = R / stab(z):
+
+    - one factor constant (a number, a parameter, a tensor computed from parameters: ConvNeXt's
+      layer scale): a diagonal linear map under the ε rule, R_x = x ⊙ c ⊙ s;
+    - both factors computed (squeeze-and-excitation gates, gated MLPs): the uniform rule of
+      AttnLRP (Achtibat et al. 2024), the ε rule's relevance split evenly between the factors,
+      R_a = ½ a ⊙ b ⊙ s and R_b = ½ b ⊙ Σ(a ⊙ s), the sum over the dims b is broadcast along (an
+      SE gate of shape (B, C, 1, 1) collects the relevance of its whole channel)."""
+
+    op = "mul"
+
+    def __init__(self, name, fn, args, kwargs, load, eps, stabilizer, factors):
+        super().__init__(name, eps, stabilizer)
+        self.fn, self.args, self.kwargs, self.load = fn, args, kwargs, load
+        self.factors = factors   # per factor: its step index when computed, else None (a constant)
+
+    def forward(self, env, call):
+        args, kwargs = self.load(env, self.args, self.kwargs)
+        z = self.fn(*args, **kwargs)
+        values = [env[i] if i is not None else None for i in self.factors]
+        if not isinstance(z, torch.Tensor):
+            raise RelevanceError(f"LRP: {self.describe()} multiplies no tensor")
+        for i, t in zip(self.factors, values):
+            if i is not None and (t.dim() != z.dim() or t.shape[0] != z.shape[0]):
+                raise RelevanceError(f"LRP: {self.describe()} broadcasts the factor of shape {tuple(t.shape)} across "
+                                     f"samples or leading dims of {tuple(z.shape)}; only broadcasting within a "
+                                     "sample (e.g. (B, C, 1, 1) gates) is supported")
+        # the constant factor(s), folded into one operand for the relevance pass
+        const = [a for a, i in zip(self._operands(args, kwargs), self.factors) if i is None]
+        call.saved[self.index] = (values, z, const)
+        return z
+
+    def _operands(self, args, kwargs):
+        ops_ = list(args[:2])
+        if len(ops_) < 2:
+            ops_.append(kwargs["other"])
+        return ops_
+
+    def relprop(self, msg, call):
+        values, z, const = call.saved[self.index]
+        s = self._s(msg, call)                      # R / stab(z): K*B rows
+        b = z.shape[0]
+        computed = [(i, t) for i, t in zip(self.factors, values) if i is not None]
+        share = 1.0 / len(computed)                 # uniform rule: ½ each for two computed factors
+        out = []
+        for j, (i, t) in enumerate(computed):
+            c = s
+            for cst in const:
+                c = c * cst
+            for jj, (_, other) in enumerate(computed):
+                if jj != j:                         # the other computed factor, per sample
+                    c = _times_per_sample(c, other, b)
+            if share != 1.0:
+                c = c * share
+            dims = [d for d in range(1, z.dim()) if t.shape[d] == 1 and z.shape[d] != 1]
+            if dims:
+                c = c.sum(dims, keepdim=True)
+            out.append((i, Msg(LAZY, c, t, True)))
+        return out
+
+
+def _times_per_sample(c: torch.Tensor, t: torch.Tensor, b: int) -> torch.Tensor:
+    """c (K*B rows) ⊙ t (B rows), t broadcast over the K maps of its sample."""
+    k = c.shape[0] // b if b else 1
+    if k == 1:
+        return c * t
+    out = c.view(b, k, *c.shape[1:]) * t.unsqueeze(1)
+    return out.reshape(b * k, *out.shape[2:])
+
+
+MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+
+
 # ============================================================================= max pooling
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
