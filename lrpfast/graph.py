@@ -81,7 +81,8 @@ _SDPA_FUNCTIONS = (F.scaled_dot_product_attention,)
 SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d-3d, "
              "elementwise activations (ReLU, ReLU6, LeakyReLU, GELU, SiLU, Tanh, Sigmoid, ...), Dropout, Identity, "
              "Flatten/Unflatten, residual add, elementwise products (a * b: a constant factor, or two computed "
-             "factors by the uniform rule), torchvision's stochastic depth (eval), torch.cat, mean over non-batch dims, "
+             "factors by the uniform rule), torchvision's stochastic depth (eval), torch.cat, torch.chunk/split (pieces "
+             "taken one by one), mean over non-batch dims, "
              "view/reshape/flatten/squeeze/unsqueeze/permute/transpose/contiguous, "
              "LayerNorm (module, F.layer_norm), MultiheadAttention (module; output [0]), "
              "F.scaled_dot_product_attention, nn.TransformerEncoder(Layer)/TransformerDecoder(Layer) (their slow "
@@ -639,10 +640,31 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
     if not is_method and t in _SDPA_FUNCTIONS:
         return _sdpa_step(plan, node, index, add, eps, stabilizer)
 
+    # ---- chunk / split: a tuple of views, each taken element a piece of the source
+    if (not is_method and t in (torch.chunk, torch.split)) or (is_method and t in ("chunk", "split")):
+        chunk = t in (torch.chunk, "chunk")
+        sizes = "chunks" if chunk else ("split_size" if "split_size" in node.kwargs else "split_size_or_sections")
+        b = _bind(node, ["input", sizes, "dim"], {"dim": 0})
+        if not isinstance(b["input"], fx.Node):
+            raise RelevanceError(f"LRP: node {name!r} ({what}) must split a tensor from the graph")
+        step = N.SplitStep(name, _callable(node), ref(node.args), ref(node.kwargs), _load, what)
+        step.split_dim = _constant(node, "dim", b["dim"])
+        return add(step, node, b["input"])
+
     # ---- tuple outputs and indexing
     if not is_method and t is operator.getitem and isinstance(node.args[0], fx.Node):
         producer = steps[index[node.args[0]]]
         item = node.args[1]
+        if isinstance(producer, N.SplitStep):
+            if not isinstance(item, int):
+                raise RelevanceError(f"LRP: node {name!r} indexes the pieces of {producer.describe()} with {item!r}; "
+                                     "take one piece at a time (an int)")
+            step = N.PieceStep(name, producer.index, item, producer.split_dim)
+            add(step, node, None)
+            step.src = producer.src   # relevance goes straight to the split tensor
+            step.inputs = [producer.src]
+            step.deps = list(dict.fromkeys(step.deps + [producer.src]))   # x stays alive until here
+            return step
         if isinstance(producer, (N.MaxPoolStep, T.MultiheadAttentionStep)) and isinstance(item, int):
             if isinstance(producer, N.MaxPoolStep) and not producer.returns_indices:
                 raise RelevanceError(f"LRP: node {name!r} indexes the output of max pooling {producer.name!r} "

@@ -816,6 +816,61 @@ class CatStep(Step):
         return plan.users_zero_preserving(self.index)
 
 
+class SplitStep(Step):
+    """torch.chunk / torch.split (and the methods): a tuple of views. It carries no relevance
+    itself: each element taken from it (x.chunk(2, 1)[0]) is a PieceStep on the source tensor."""
+
+    op = "split"
+    # Tensors, not shape arithmetic: what is computed from the pieces must not be taken for a
+    # constant (graph.py classifies nodes by their inputs). Relevance never comes here: the
+    # pieces send theirs to the source directly.
+
+    def __init__(self, name, fn, args, kwargs, load, what):
+        super().__init__(name)
+        self.fn, self.args, self.kwargs, self.load, self.op = fn, args, kwargs, load, what
+
+    def forward(self, env, call):
+        args, kwargs = self.load(env, self.args, self.kwargs)
+        parts = self.fn(*args, **kwargs)
+        return parts
+
+    def relprop(self, msg, call):
+        return []
+
+
+class PieceStep(Step):
+    """Element `item` of a chunk/split of the source x along a non-batch dim: a narrow view of x,
+    whose relevance goes back into its place in a map of x's shape (zeros elsewhere)."""
+
+    op = "getitem (chunk/split)"
+
+    def __init__(self, name, split_index, item, dim):
+        super().__init__(name)
+        self.split_index, self.item, self.dim = split_index, item, dim
+
+    def forward(self, env, call):
+        x, parts = env[self.src], env[self.split_index]
+        d = self.dim % x.dim()
+        if d == 0:
+            raise RelevanceError(f"LRP: {self.describe()} splits along the batch dimension")
+        piece = parts[self.item]
+        start = sum(p.shape[d] for p in parts[:self.item % len(parts)])
+        call.saved[self.index] = (x, d, start)
+        return piece
+
+    def relprop(self, msg, call):
+        x, d, start = call.saved[self.index]
+        a = msg.a if msg.kind == LAZY else materialize(msg)
+        full = a.new_zeros((a.shape[0], *x.shape[1:]))
+        full.narrow(d, start, a.shape[d]).copy_(a)
+        if msg.kind == LAZY:
+            return [(self.src, Msg(LAZY, full, x, True))]
+        return [(self.src, Msg(DENSE, full, None, True))]
+
+    def zero_preserving(self, plan):
+        return plan.users_zero_preserving(self.index)
+
+
 class GetItemStep(Step):
     """(output, indices)[0] of a max pooling with return_indices=True."""
 

@@ -20,6 +20,9 @@ from lrpfast.ops import RelevanceError
 
 F64 = torch.float64
 
+# torchvision's GoogLeNet/Inception warn about their default initialisation (not ours to change)
+pytestmark = pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
+
 
 def rel_l2(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -189,3 +192,22 @@ def test_stochastic_depth_in_training_mode_is_refused():
     model = torchvision.models.convnext_tiny(weights=None, stochastic_depth_prob=0.1).train()
     with pytest.raises(RelevanceError, match=r"drops residual branches at random \(training=True\)"):
         lrpfast.LRP(model)
+
+
+ZOO = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_b2", "efficientnet_v2_s",
+       "googlenet", "inception_v3", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+       "regnet_y_400mf", "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_torchvision_zoo_conserves(name):
+    """A sweep over torchvision's families (every traced model under 60M parameters conserved to
+    2e-6 or better, 2026-11-26): a node taken for a constant or for shape arithmetic by mistake
+    loses relevance here, silently elsewhere."""
+    torch.manual_seed(0)
+    model = zero_biases(torchvision.models.get_model(name, weights=None, num_classes=7)).double().eval()
+    size = 299 if name == "inception_v3" else 64
+    e = lrpfast.LRP(model, eps=1e-40).explain(torch.randn(2, 3, size, size, dtype=F64))
+    out = e.conservation["output"]
+    assert torch.isfinite(e.relevance).all() and out.abs().min() > 1e-20
+    assert torch.allclose(e.relevance.flatten(1).sum(1), out, rtol=1e-5, atol=0)
