@@ -660,9 +660,8 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
                 raise RelevanceError(f"LRP: node {name!r} indexes the pieces of {producer.describe()} with {item!r}; "
                                      "take one piece at a time (an int)")
             step = N.PieceStep(name, producer.index, item, producer.split_dim)
-            add(step, node, None)
+            add(step, node, None, [producer.src])
             step.src = producer.src   # relevance goes straight to the split tensor
-            step.inputs = [producer.src]
             step.deps = list(dict.fromkeys(step.deps + [producer.src]))   # x stays alive until here
             return step
         if isinstance(producer, (N.MaxPoolStep, T.MultiheadAttentionStep)) and isinstance(item, int):

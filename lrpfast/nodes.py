@@ -51,6 +51,11 @@ def materialize(msg: Msg) -> torch.Tensor:
     raise RelevanceError("LRP internal error: a divided relevance reached a step without its denominator")
 
 
+def per_sample(a: torch.Tensor, b: int) -> torch.Tensor:
+    """(K*B, ...) as (B, K, ...): sample-major rows, so a view."""
+    return a.view(b, a.shape[0] // b, *a.shape[1:])
+
+
 def divide(msg: Msg, z: torch.Tensor, eps: float, stabilizer: str) -> torch.Tensor:
     """s = R / stab(z), fused with the pending product when R is LAZY."""
     if msg.kind == LAZY and msg.x.shape == z.shape:
@@ -559,16 +564,10 @@ class MulStep(_EpsilonStep):
                 raise RelevanceError(f"LRP: {self.describe()} broadcasts the factor of shape {tuple(t.shape)} across "
                                      f"samples or leading dims of {tuple(z.shape)}; only broadcasting within a "
                                      "sample (e.g. (B, C, 1, 1) gates) is supported")
-        # the constant factor(s), folded into one operand for the relevance pass
-        const = [a for a, i in zip(self._operands(args, kwargs), self.factors) if i is None]
+        operands = list(args[:2]) + ([kwargs["other"]] if len(args) < 2 else [])
+        const = [a for a, i in zip(operands, self.factors) if i is None]   # numbers, parameters
         call.saved[self.index] = (values, z, const)
         return z
-
-    def _operands(self, args, kwargs):
-        ops_ = list(args[:2])
-        if len(ops_) < 2:
-            ops_.append(kwargs["other"])
-        return ops_
 
     def relprop(self, msg, call):
         values, z, const = call.saved[self.index]
@@ -585,7 +584,7 @@ class MulStep(_EpsilonStep):
                 if jj != j:                         # the other computed factor, per sample
                     c = _times_per_sample(c, other, b)
             if share != 1.0:
-                c = c * share
+                c.mul_(share)                       # c is fresh: the other factor multiplied it
             dims = [d for d in range(1, z.dim()) if t.shape[d] == 1 and z.shape[d] != 1]
             if dims:
                 c = c.sum(dims, keepdim=True)
@@ -595,11 +594,10 @@ class MulStep(_EpsilonStep):
 
 def _times_per_sample(c: torch.Tensor, t: torch.Tensor, b: int) -> torch.Tensor:
     """c (K*B rows) ⊙ t (B rows), t broadcast over the K maps of its sample."""
-    k = c.shape[0] // b if b else 1
-    if k == 1:
+    if not b or c.shape[0] == b:
         return c * t
-    out = c.view(b, k, *c.shape[1:]) * t.unsqueeze(1)
-    return out.reshape(b * k, *out.shape[2:])
+    out = per_sample(c, b) * t.unsqueeze(1)
+    return out.reshape(c.shape[0], *out.shape[2:])
 
 
 MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
@@ -831,8 +829,7 @@ class SplitStep(Step):
 
     def forward(self, env, call):
         args, kwargs = self.load(env, self.args, self.kwargs)
-        parts = self.fn(*args, **kwargs)
-        return parts
+        return self.fn(*args, **kwargs)
 
     def relprop(self, msg, call):
         return []

@@ -41,7 +41,7 @@ constant term of its linearisation is absorbed. The backward keeps two tensors o
 size per head (K times that for K targets) where CP-LRP keeps one.
 
 Relevance messages carry K*B rows (K targets per sample), the saved forward tensors B rows:
-`_per_sample` views a message as (B, K, ...) where a saved tensor must broadcast over K.
+`per_sample` (nodes.py) views a message as (B, K, ...) where a saved tensor must broadcast over K.
 """
 from __future__ import annotations
 
@@ -51,13 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .nodes import DIVIDED, LAZY, Msg, Step, _EpsilonStep, divide
+from .nodes import DIVIDED, LAZY, Msg, Step, _EpsilonStep, divide, per_sample
 from .ops import RelevanceError
-
-
-def _per_sample(a: torch.Tensor, b: int) -> torch.Tensor:
-    """(K*B, ...) as (B, K, ...): sample-major rows, so a view."""
-    return a.view(b, a.shape[0] // b, *a.shape[1:])
 
 
 ATTENTION_RULES = ("cp", "attnlrp")
@@ -70,7 +65,7 @@ def shared_matmul(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     k = s.shape[0] // b
     if k == 1:
         return torch.matmul(s, w)
-    out = torch.matmul(_per_sample(s, b), w.unsqueeze(1))
+    out = torch.matmul(per_sample(s, b), w.unsqueeze(1))
     return out.reshape(b * k, *out.shape[2:])
 
 
@@ -80,7 +75,7 @@ def softmax_rule(attn: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     b = attn.shape[0]
     if g.shape[0] == b:
         return torch._softmax_backward_data(g, attn, -1, attn.dtype)
-    gv, a = _per_sample(g, b), attn.unsqueeze(1)
+    gv, a = per_sample(g, b), attn.unsqueeze(1)
     gv.sub_((gv * a).sum(-1, keepdim=True)).mul_(a)
     return g
 
@@ -92,18 +87,16 @@ def check_attention_rule(where: str, attention: str) -> str:
 
 
 def _messages(parts):
-    """[(src, c, x)] -> LAZY messages R = x ⊙ c, summed per source (self-attention: q, k and v are
-    one node)."""
-    out = {}
+    """[(src, c, x)] -> LAZY messages R = x ⊙ c; parts on the same tensor x (self-attention: q, k
+    and v one node) are summed into one message, as graph.relevance would combine them."""
+    out = []
     for src, c, x in parts:
-        if src in out:
-            prev_c, prev_x = out[src]
-            if prev_x is x:
-                out[src] = (prev_c.add_(c), x)
-                continue
-            src = (src, len(out))   # the same node seen through different views: two messages
-        out[src] = (c, x)
-    return [(src if isinstance(src, int) else src[0], Msg(LAZY, c, x, True)) for src, (c, x) in out.items()]
+        same = next((m for j, m in out if j == src and m.x is x), None)
+        if same is not None:
+            same.a.add_(c)
+        else:
+            out.append((src, Msg(LAZY, c, x, True)))
+    return out
 
 
 def attend_back(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -116,7 +109,7 @@ def attend_back(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     if k == 1:
         return torch.matmul(at, s)
     d = s.shape[-1]
-    sk = _per_sample(s, b).movedim(1, -2)                    # (B, *heads, L, K, D)
+    sk = per_sample(s, b).movedim(1, -2)                    # (B, *heads, L, K, D)
     c = torch.matmul(at, sk.reshape(*sk.shape[:-2], k * d))  # (B, *heads, S, K*D)
     c = c.view(*c.shape[:-1], k, d).movedim(-2, 1)           # (B, K, *heads, S, D)
     return c.reshape(b * k, *c.shape[2:])
@@ -160,7 +153,7 @@ class LayerNormStep(_EpsilonStep):
         if s.shape[0] == x.shape[0]:
             s.mul_(rstd)
         else:
-            _per_sample(s, x.shape[0]).mul_(rstd.unsqueeze(1))
+            per_sample(s, x.shape[0]).mul_(rstd.unsqueeze(1))
         return [(self.src, Msg(LAZY, s, x, True))]
 
 
