@@ -17,8 +17,18 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line on stderr and exit status 2 (argparse's own status), before
+    any work: "lrpfast explain: error: argument --batch-size: must be an int >= 1, got '0'".
+    Subparsers inherit the class."""
+
+    def error(self, message):
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrpfast", description="Layer-wise Relevance Propagation at the speed of a backward pass")
+    parser = OneLineParser(prog="lrpfast", description="Layer-wise Relevance Propagation at the speed of a backward pass")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

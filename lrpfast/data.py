@@ -3,7 +3,8 @@
 
 Every source becomes a map-style torch Dataset of float (C, H, W) tensors, loaded lazily, so a
 folder of 100k images streams through `explain_dataset` without being held in memory. Images and
-uint8 tensors are scaled to [0, 1]; normalisation for a model (mean/std) is applied by the caller
+integer tensors (8-bit pixel values 0..255, whatever the integer dtype) are scaled to [0, 1];
+float tensors are used as they are; normalisation for a model (mean/std) is applied by the caller
 on each batch, so the [0, 1] image stays available for overlays.
 """
 from __future__ import annotations
@@ -175,7 +176,10 @@ def load_tensor_file(path: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     .pt may hold a tensor, a (x, y) pair, or a dict with "x"/"inputs"/"images"/"data" and
     optionally "y"/"labels"/"targets"; .npz the same keys (else its first array). Shapes:
     (B, C, H, W), (B, C, L) as they are; (C, H, W) with C in {1, 3} is one image; (B, H, W) gets
-    a channel axis. Integer data (uint8 images) is scaled to [0, 1]."""
+    a channel axis. Integer data of any dtype (uint8, int8/16/32/64) is read as 8-bit pixel values:
+    it must lie in 0..255 and is divided by 255 (an int64 array from np.array(list_of_pixels) is
+    scaled like the uint8 image it holds); other integer ranges are an error naming the file (save
+    such data as float to use it as it is). Float data is used as it is. An empty batch is an error."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"input file {path!r} does not exist")
@@ -224,11 +228,17 @@ def _as_input_tensor(x, path: str) -> torch.Tensor:
     if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
         raise DataError(f"tensor file {path!r}: expected numeric data, got {x.dtype}")
     if not x.is_floating_point():
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) > 255):
+            raise DataError(f"tensor file {path!r}: integer data ({x.dtype}) is read as 8-bit pixel values 0..255 and "
+                            f"scaled to [0, 1], but it holds values in {int(x.min())}..{int(x.max())}; save it as float "
+                            "to use it as it is")
+        x = x.float() / 255.0
     if x.dim() == 3:
         x = x.unsqueeze(0) if x.shape[0] in (1, 3) else x.unsqueeze(1)
     if x.dim() < 2:
         raise DataError(f"tensor file {path!r}: expected a batch (B, ...) of inputs, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise DataError(f"tensor file {path!r}: holds no inputs (shape {tuple(x.shape)})")
     return x
 
 

@@ -7,16 +7,25 @@ torch.distributed ranks.
 
 Layout of out_dir:
   manifest.json          what was computed (sample count, shard size, target, LRP settings, model
-                         fingerprint) and whether the run is complete;
+                         fingerprint), a data fingerprint (hashes of the first and last sample) and
+                         whether the run is complete;
   shard-000000.pt ...    shard s holds samples [s·shard_size, (s+1)·shard_size) in dataset order:
-                         {"indices", "relevance", "targets", "logits", "rank"}; written to a
-                         temporary name and renamed, so a shard file on disk is always complete;
+                         {"indices", "relevance", "targets", "logits", "rank", "inputs_sha256"}
+                         (the last: a hash of the shard's collated inputs, labels included); written
+                         to a temporary name and renamed, so a shard file on disk is always complete;
   index.pt               {"shard": (N,), "offset": (N,)}: sample i is row offset[i] of shard[i].
 
 Shard s belongs to rank s mod world_size; batches never cross a shard, so a sample's result does
 not depend on how many ranks ran. A rerun with resume=True (the default) skips the shards already
-on disk. Under torchrun the process group is created here when the caller has none (gloo for CPU,
-NCCL for CUDA devices); each rank uses cuda:LOCAL_RANK when CUDA is available and no device is given.
+on disk, after checking that they were computed from the same data: the settings and the model
+must match the manifest, the first and last sample must hash as recorded there, and each reused
+shard's inputs are read again (no LRP) and must hash as recorded in the shard. Data that changed
+is an error naming the sample or the shards (resume=False, the CLI's --no-resume, starts over);
+verify_data=False skips the data checks (a dataset that is not deterministic, or too costly to
+read twice). Every rank checks its own shards and all ranks stop with the same message.
+
+Under torchrun the process group is created here when the caller has none (gloo for CPU, NCCL
+for CUDA devices); each rank uses cuda:LOCAL_RANK when CUDA is available and no device is given.
 """
 from __future__ import annotations
 
@@ -33,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from .ops import RelevanceError
 
 MANIFEST, INDEX = "manifest.json", "index.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: data fingerprints (manifest "data", shard "inputs_sha256")
 
 
 def make_lrp(model: nn.Module, **kwargs):
@@ -193,6 +202,17 @@ def _broadcast_error(message: Optional[str], world: int) -> Optional[str]:
     return box[0]
 
 
+def _gather(value, world: int) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    box = [None] * world
+    dist.all_gather_object(box, value)
+    return box
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -214,6 +234,85 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _hash_update(h, obj) -> None:
+    """Feed `obj` (tensors, arrays, numbers, strings, and lists/tuples/dicts of them) into the hash
+    h, tagged with types, dtypes and shapes. Other objects count by their `tobytes()` (PIL images)
+    or, failing that, only by their type."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}[".encode())
+        for o in obj:
+            _hash_update(h, o)
+        h.update(b"]")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}{{".encode())
+        for k in sorted(obj, key=repr):
+            h.update(f"{k!r}:".encode())
+            _hash_update(h, obj[k])
+        h.update(b"}")
+    elif obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    elif hasattr(obj, "tobytes"):  # numpy arrays, PIL images
+        h.update(f"{type(obj).__name__}{getattr(obj, 'dtype', '')}{getattr(obj, 'shape', getattr(obj, 'size', ''))}"
+                 f"{getattr(obj, 'mode', '')};".encode())
+        import numpy as np
+
+        h.update((np.ascontiguousarray(obj) if isinstance(obj, np.ndarray) else obj).tobytes())
+    else:
+        h.update(f"?{type(obj).__module__}.{type(obj).__qualname__};".encode())
+
+
+def data_fingerprint(dataset) -> dict:
+    """The cheap whole-dataset check of a resumed run: sha256 of the first and of the last item
+    (as the dataset returns it, before collation). Two reads."""
+    n = len(dataset)
+
+    def digest(i):
+        h = hashlib.sha256()
+        _hash_update(h, dataset[i])
+        return h.hexdigest()[:16]
+
+    return {"first": digest(0) if n else None, "last": digest(n - 1) if n else None}
+
+
+def _batch_rows(batch, rows: int) -> list:
+    """The collated batch split into its samples: every tensor leaf indexed by row, and lists of
+    `rows` plain values (collated strings) too; so a shard's hash does not depend on batch_size."""
+
+    def row(obj, i):
+        if isinstance(obj, torch.Tensor):
+            return obj[i] if obj.dim() > 0 else obj
+        if isinstance(obj, dict):
+            return {k: row(v, i) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            if len(obj) == rows and not any(isinstance(o, (torch.Tensor, list, tuple, dict)) for o in obj):
+                return obj[i]
+            return [row(o, i) for o in obj]
+        return obj
+
+    return [row(batch, i) for i in range(rows)]
+
+
+class _ShardHasher:
+    """sha256 over a shard's samples, fed batch by batch (rows in dataset order)."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+
+    def update(self, batch, rows: int) -> None:
+        for r in _batch_rows(batch, rows):
+            _hash_update(self.h, r)
+
+    def digest(self) -> str:
+        return self.h.hexdigest()[:16]
+
+
 def _write_atomic(obj, path: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     if path.endswith(".json"):
@@ -228,27 +327,52 @@ def shard_path(out_dir: str, s: int) -> str:
     return os.path.join(out_dir, f"shard-{s:06d}.pt")
 
 
-def _prepare_out_dir(out_dir: str, config: dict, resume: bool) -> Optional[str]:
-    """Rank 0: check or write the manifest. Returns an error message, or None."""
+_START_OVER = "use resume=False (CLI: --no-resume) to start over, or another out_dir"
+
+
+def _check_out_dir(out_dir: str, config: dict, data: Optional[dict], resume: bool) -> Optional[str]:
+    """Rank 0, before any work: check the manifest of an earlier run against these settings and
+    the data fingerprint (data None: not checked); with resume=False remove the earlier run's
+    shards. Returns an error message, or None. The manifest itself is written later
+    (_write_manifest), once every rank's shards passed their checks: a refused rerun leaves the
+    earlier run's folder as it was."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MANIFEST)
-    if os.path.exists(path):
+    if resume and os.path.exists(path):
         try:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as exc:
             return f"explain_dataset: cannot read {path} ({exc}); remove it or use another out_dir"
-        if resume and old.get("config") != config:
+        if old.get("config") != config:
             diff = sorted(k for k in set(config) | set(old.get("config", {}))
                           if config.get(k) != old.get("config", {}).get(k))
             return (f"explain_dataset: {out_dir} holds a run with other settings (differs in {', '.join(diff)}); "
                     "use another out_dir, or resume=False to overwrite it")
+        if data is not None:
+            before = old.get("data")
+            if not isinstance(before, dict):
+                return (f"explain_dataset: {out_dir} holds a run without a data fingerprint (written by an older "
+                        f"lrpfast), so its shards cannot be checked against the data; {_START_OVER} "
+                        "(or verify_data=False to reuse them unchecked)")
+            changed = [f"{which} sample ({i})" for which, i in (("first", 0), ("last", config["n_samples"] - 1))
+                       if before.get(which) != data.get(which)]
+            if changed:
+                return (f"explain_dataset: the data changed since the run in {out_dir} was started: the "
+                        f"{' and the '.join(changed)} {'differ' if len(changed) > 1 else 'differs'} from the "
+                        f"recorded fingerprint (the sample count, "
+                        f"{config['n_samples']}, is the same); its shards were computed from other inputs. "
+                        f"{_START_OVER[0].upper()}{_START_OVER[1:]}")
     if not resume:  # start over: stale shards of an earlier run must not be mistaken for new ones
         for f in os.listdir(out_dir):
             if (f.startswith("shard-") and f.endswith(".pt")) or f == INDEX:
                 os.remove(os.path.join(out_dir, f))
-    _write_atomic({"format": FORMAT_VERSION, "config": config, "complete": False}, path)
     return None
+
+
+def _write_manifest(out_dir: str, config: dict, data: dict) -> None:
+    _write_atomic({"format": FORMAT_VERSION, "config": config, "data": data, "complete": False},
+                  os.path.join(out_dir, MANIFEST))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -285,8 +409,8 @@ def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *,
                     batch_size: Optional[int] = None, shard_size: int = 1024, eps: float = 1e-6,
                     composite=None, lrp_kwargs: Optional[dict] = None, device=None,
                     storage_dtype: Optional[torch.dtype] = None, transform: Optional[Callable] = None,
-                    resume: bool = True, distributed="auto", num_workers: Optional[int] = None,
-                    keep_logits: bool = True, progress: bool = True) -> dict:
+                    resume: bool = True, verify_data: bool = True, distributed="auto",
+                    num_workers: Optional[int] = None, keep_logits: bool = True, progress: bool = True) -> dict:
     """Explain every sample of `data` (a Dataset, DataLoader or tensor; items x or (x, y, ...))
     and write the relevance maps to out_dir in shards (see the module docstring).
 
@@ -294,8 +418,11 @@ def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *,
     targets, (N,) or (N, K). eps, composite, lrp_kwargs: passed to lrpfast.LRP. transform: applied
     to each batch on the device before the model (e.g. normalisation). storage_dtype: e.g.
     torch.float16 to halve the disk space. A shard is gathered in host memory before it is
-    written: choose shard_size so that shard_size maps fit. distributed: "auto" (join torchrun's
-    job when launched by it), True (require it) or False. The model is put in eval mode and moved
+    written: choose shard_size so that shard_size maps fit. resume: skip the shards an earlier run
+    with the same settings, model and data wrote (False: start over). verify_data: on resume,
+    check the data (the first/last sample, and each reused shard's inputs, read again without
+    LRP); a change is a RelevanceError naming the sample or the shards. distributed: "auto" (join
+    torchrun's job when launched by it), True (require it) or False. The model is put in eval mode and moved
     to the device (under torchrun without a device: cuda:LOCAL_RANK when every local rank has a
     GPU). Returns a summary dict of this rank's work."""
     t_start = time.perf_counter()
@@ -309,7 +436,7 @@ def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *,
     targets = Targets(target, n)
 
     rank, world, created, device = _setup_distributed(distributed, device)
-    all_done = False
+    together = False  # every rank is at the same step, with the same verdict (see the finally)
     backend = None
     if world > 1 or created:
         import torch.distributed as dist
@@ -330,14 +457,27 @@ def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *,
                   "lrp_kwargs": {k: repr(v) for k, v in sorted((lrp_kwargs or {}).items())},
                   "storage_dtype": str(storage_dtype) if storage_dtype else None,
                   "model": model_fingerprint(model)}
-        error = _prepare_out_dir(out_dir, config, resume) if rank == 0 else None
-        error = _broadcast_error(error, world)
+        data = data_fingerprint(dataset) if rank == 0 else None
+        error = _check_out_dir(out_dir, config, data if verify_data else None, resume) if rank == 0 else None
+        error = _broadcast_error(error, world)  # also: rank 0 removed stale shards before anyone looks
         if error:
+            together = True
             raise RelevanceError(error)
 
         n_shards = (n + shard_size - 1) // shard_size
         mine = [s for s in range(rank, n_shards, world)]
-        todo = [s for s in mine if not os.path.exists(shard_path(out_dir, s))]
+        done = [s for s in mine if os.path.exists(shard_path(out_dir, s))]
+        todo = [s for s in mine if s not in done]
+        # Reused shards must come from the same inputs: each rank reads its own again (no LRP) and
+        # every rank learns every rank's verdict, so that all stop, with the same message.
+        bad = _verify_shards(dataset, done, n, shard_size, batch_size, num_workers, collate_fn, out_dir,
+                             progress and rank == 0) if verify_data else []
+        bad = sorted(b for part in _gather(bad, world) for b in part)
+        if bad:
+            together = True
+            raise RelevanceError(_changed_shards_message(out_dir, bad, n, shard_size))
+        if rank == 0:
+            _write_manifest(out_dir, config, data)
         written = _run_shards(model, lrp, dataset, todo, n, shard_size, batch_size, num_workers, collate_fn, device,
                               targets, transform, storage_dtype, keep_logits, out_dir, rank, world,
                               progress and rank == 0)
@@ -349,44 +489,108 @@ def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *,
             except RelevanceError as exc:
                 error = str(exc)
         error = _broadcast_error(error, world)  # also the final synchronisation
-        all_done = True
+        together = True
         if error:
             raise RelevanceError(error)
     finally:
         if created:
             import torch.distributed as dist
 
-            if all_done and world > 1:
-                # Every rank is here (the broadcast above), so this cannot hang. Without it a rank
-                # could tear its gloo pairs down while a peer still finished the broadcast, and
-                # that peer aborted at exit ("terminate called without an active exception",
-                # torch 2.14, about 1 run in 5 under pytest). A rank that failed earlier skips it:
-                # the others are not waiting in a barrier then.
+            if together and world > 1:
+                # Every rank is here (after the same broadcast or gather: the end of the run, or
+                # an error all ranks agreed on), so this cannot hang. Without it a rank could tear
+                # its gloo pairs down while a peer still finished the collective, and that peer
+                # aborted at exit ("terminate called without an active exception", torch 2.14,
+                # about 1 run in 5 under pytest). A rank that failed on its own skips it: the
+                # others are not waiting in a barrier then.
                 dist.barrier()
             dist.destroy_process_group()
     return {"out_dir": out_dir, "rank": rank, "world_size": world, "backend": backend, "n_samples": n, "n_shards": n_shards,
-            "shards_written": written, "shards_skipped": len(mine) - len(todo),
+            "shards_written": written, "shards_skipped": len(done),
+            "shards_verified": len(done) if verify_data else 0,
             "seconds": time.perf_counter() - t_start}
 
 
-def _run_shards(model, lrp, dataset, shards, n, shard_size, batch_size, num_workers, collate_fn, device, targets,
-                transform, storage_dtype, keep_logits, out_dir, rank, world, progress) -> list:
-    if not shards:
-        return []
-    # Batches never cross a shard: results are the same for any number of ranks and on resume.
+def _shard_batches(shards, n, shard_size, batch_size):
+    """(batches, owner): the sample indices of each batch, and its shard. Batches never cross a
+    shard: results are the same for any number of ranks and on resume."""
     batches, owner = [], []
     for s in shards:
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
         for i in range(lo, hi, batch_size):
             batches.append(list(range(i, min(hi, i + batch_size))))
             owner.append(s)
+    return batches, owner
+
+
+def _loader(dataset, batches, num_workers, collate_fn, pin_memory=False):
     kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", **kwargs)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+
+def _verify_shards(dataset, shards, n, shard_size, batch_size, num_workers, collate_fn, out_dir, progress) -> list:
+    """The shards among `shards` (already on disk) whose stored input hash differs from the hash of
+    the dataset's samples now, or that have none: [(shard, reason)]. Reads the inputs, runs no LRP."""
+    if not shards:
+        return []
+    batches, owner = _shard_batches(shards, n, shard_size, batch_size)
+    bar = _progress_bar(sum(len(b) for b in batches), progress, "checking finished shards")
+    bad, hasher = [], _ShardHasher()
+    try:
+        for bi, batch in enumerate(_loader(dataset, batches, num_workers, collate_fn)):
+            hasher.update(batch, len(batches[bi]))
+            if bar is not None:
+                bar.update(len(batches[bi]))
+            if bi + 1 == len(batches) or owner[bi + 1] != owner[bi]:
+                s = owner[bi]
+                try:  # mmap: the stored maps are not read, only the small fields
+                    stored = torch.load(shard_path(out_dir, s), map_location="cpu", weights_only=True,
+                                        mmap=True).get("inputs_sha256")
+                except Exception as exc:  # noqa: BLE001 - any unreadable shard is reported, not raised
+                    bad.append((s, f"unreadable ({type(exc).__name__}: {exc})"))
+                else:
+                    if stored is None:
+                        bad.append((s, "no input fingerprint (written by an older lrpfast)"))
+                    elif stored != hasher.digest():
+                        bad.append((s, "changed"))
+                hasher = _ShardHasher()
+    finally:
+        if bar is not None:
+            bar.close()
+    return bad
+
+
+def _changed_shards_message(out_dir, bad, n, shard_size) -> str:
+    def where(s):
+        last = min(n, (s + 1) * shard_size) - 1
+        return f"shard {s} ({os.path.basename(shard_path(out_dir, s))}, samples {s * shard_size}..{last})"
+
+    changed = [s for s, why in bad if why == "changed"]
+    other = [(s, why) for s, why in bad if why != "changed"]
+    parts = []
+    if changed:
+        listed = "; ".join(where(s) for s in changed[:5])
+        listed += f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+        parts.append(f"the data changed since these shards were written (their inputs hash differently now, "
+                     f"with the same sample count): {listed}")
+    if other:
+        parts.append("cannot check " + "; ".join(f"{where(s)}: {why}" for s, why in other[:5])
+                     + (f"; and {len(other) - 5} more" if len(other) > 5 else ""))
+    return (f"explain_dataset: {out_dir}: " + ". Also ".join(parts) + f". Reusing them would mix results of "
+            f"different inputs; {_START_OVER} (or verify_data=False to reuse them unchecked)")
+
+
+def _run_shards(model, lrp, dataset, shards, n, shard_size, batch_size, num_workers, collate_fn, device, targets,
+                transform, storage_dtype, keep_logits, out_dir, rank, world, progress) -> list:
+    if not shards:
+        return []
+    batches, owner = _shard_batches(shards, n, shard_size, batch_size)
+    loader = _loader(dataset, batches, num_workers, collate_fn, pin_memory=device.type == "cuda")
     bar = _progress_bar(sum(len(b) for b in batches), progress, "explaining" if world == 1 else f"explaining (rank 0 of {world})")
-    written, parts = [], []
+    written, parts, hasher = [], [], _ShardHasher()
     try:
         for bi, batch in enumerate(loader):
+            hasher.update(batch, len(batches[bi]))
             x, labels = _split_item(batch)
             x = x.to(device, non_blocking=True)
             if transform is not None:
@@ -404,10 +608,11 @@ def _run_shards(model, lrp, dataset, shards, n, shard_size, batch_size, num_work
                 shard = {"indices": torch.arange(lo, min(n, lo + shard_size)), "rank": rank,
                          "relevance": torch.cat([p["relevance"] for p in parts]),
                          "targets": torch.cat([p["targets"] for p in parts]),
-                         "logits": torch.cat([p["logits"] for p in parts]) if keep_logits else None}
+                         "logits": torch.cat([p["logits"] for p in parts]) if keep_logits else None,
+                         "inputs_sha256": hasher.digest()}
                 _write_atomic(shard, shard_path(out_dir, s))
                 written.append(s)
-                parts = []
+                parts, hasher = [], _ShardHasher()
     finally:
         if bar is not None:
             bar.close()

@@ -16,6 +16,7 @@ import argparse
 import csv
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from typing import List, Optional
@@ -143,13 +144,100 @@ def load_weights(model: nn.Module, path: str) -> None:
 # ----------------------------------------------------------------------------- arguments
 
 
+# Argument types: a bad value is argparse's error (one line, exit status 2: lrpfast.cli), raised
+# while the command line is parsed, before any input or model is loaded. Each message says what
+# the argument may be; argparse prefixes it with the argument's name.
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        return v
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def _finite_float(text: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v < low or (low_open and v == low) or v > high:
+        raise argparse.ArgumentTypeError(
+            f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}], got {text!r}" if math.isfinite(high)
+            else f"must be a finite number >= {low:g}, got {text!r}")
+    return v
+
+
+def _eps(text: str) -> float:
+    return _finite_float(text, 0.0)
+
+
+def _percentile(text: str) -> float:
+    return _finite_float(text, 0.0, 100.0, low_open=True)
+
+
 def _floats(text: str) -> List[float]:
-    return [float(v) for v in text.split(",")]
+    try:
+        v = [float(s) for s in text.split(",")]
+    except ValueError:
+        v = [math.nan]
+    if not all(math.isfinite(f) for f in v):
+        raise argparse.ArgumentTypeError(f"must be finite numbers separated by commas (e.g. 0.5 or 0.485,0.456,0.406), "
+                                         f"got {text!r}")
+    return v
+
+
+def _std(text: str) -> List[float]:
+    v = _floats(text)
+    if any(f <= 0 for f in v):
+        raise argparse.ArgumentTypeError(f"must be positive numbers separated by commas, got {text!r}")
+    return v
 
 
 def _size(text: str):
-    v = [int(s) for s in text.lower().replace("x", ",").split(",")]
+    try:
+        v = [int(s) for s in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        v = []
+    if len(v) not in (1, 2) or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"must be N or HxW with positive ints (e.g. 224 or 256x320), got {text!r}")
     return v[0] if len(v) == 1 else tuple(v)
+
+
+def _device(text: str) -> str:
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    return text
+
+
+def _cmap(text: str) -> str:
+    from .heatmaps import COLORMAPS, HeatmapError, colormap_table
+
+    try:
+        colormap_table(text)
+    except HeatmapError:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(COLORMAPS)} or a matplotlib colour map name "
+                                         f"(with matplotlib installed), got {text!r}") from None
+    return text
+
+
+def _target(text: str) -> str:
+    from .dataset import parse_target
+
+    try:
+        parse_target(text)
+    except RelevanceError:
+        raise argparse.ArgumentTypeError(f"must be argmax, a class index, topK (e.g. top3) or label, got {text!r}") from None
+    return text
 
 
 def _param(text: str):
@@ -171,14 +259,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'demo', 'seed_mnist_cnn[:variant]', a torchvision name, or package.module:factory "
                         "(default: demo for demo inputs)")
     g.add_argument("--weights", "--state-dict", dest="weights", default=None, help="state dict file to load into the model")
-    g.add_argument("--num-classes", type=int, default=None, help="passed to the model factory / torchvision builder")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--num-classes", type=_int_at_least(1), default=None, help="passed to the model factory / torchvision builder")
+    g.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--cache-dir", default=None, help="demo weights cache (default ~/.cache/lrpfast)")
     g = p.add_argument_group("LRP")
     g.add_argument("--composite", "--rule", dest="composite", default=None,
                    help="rule composite, e.g. epsilon, epsilon_plus, epsilon_plus_flat, epsilon_gamma_box, "
                         "epsilon_alpha2_beta1 (default: ε everywhere)")
-    g.add_argument("--eps", type=float, default=1e-6, help="ε (default 1e-6)")
+    g.add_argument("--eps", type=_eps, default=1e-6, help="ε (default 1e-6)")
     g.add_argument("--stabilizer", choices=("sign", "plus"), default="sign", help="z + ε·sign(z) (default) or z + ε (seed)")
     g.add_argument("--init", choices=("logit", "onehot"), default="logit", help="initial relevance (default: the target logit)")
     g.add_argument("--attention", choices=("cp", "attnlrp"), default="cp",
@@ -186,29 +274,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "softmax to queries and keys)")
     g.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
                    help="extra LRP parameter, e.g. gamma=0.25 (repeatable)")
-    g.add_argument("--target", default="argmax", help="argmax (default), a class index, topK (e.g. top3), or label")
+    g.add_argument("--target", type=_target, default="argmax", help="argmax (default), a class index, topK (e.g. top3), or label")
     g = p.add_argument_group("input preprocessing")
     g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="image channels (default 3; 1 for seed_mnist_cnn)")
     g.add_argument("--size", type=_size, default=None, help="resize images: N (shorter side) or HxW")
     g.add_argument("--crop", type=_size, default=None, help="centre crop after resizing: N or HxW")
     g.add_argument("--normalize", choices=sorted(NORMALIZE_PRESETS), default=None, help="mean/std preset")
     g.add_argument("--mean", type=_floats, default=None, help="per-channel mean, e.g. 0.5 or 0.485,0.456,0.406")
-    g.add_argument("--std", type=_floats, default=None, help="per-channel std")
-    g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    g.add_argument("--std", type=_std, default=None, help="per-channel std")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=32, help="batch size (default 32)")
+    g.add_argument("--workers", type=_int_at_least(0), default=0, help="DataLoader worker processes (default 0)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="lrpfast-explain", help="output folder (default ./lrpfast-explain)")
     g.add_argument("--save-relevance", action="store_true", help="also write the raw relevance to OUT/relevance.pt")
     g.add_argument("--no-png", action="store_true", help="write no heatmap PNGs")
-    g.add_argument("--grid", type=int, default=32, help="also write OUT/grid.png with the first N samples (0: none)")
-    g.add_argument("--cmap", default="bwr", help="bwr (default), coldnhot, gray, hot, or a matplotlib name")
+    g.add_argument("--grid", type=_int_at_least(0), default=32, help="also write OUT/grid.png with the first N samples (0: none)")
+    g.add_argument("--cmap", type=_cmap, default="bwr", help="bwr (default), coldnhot, gray, hot, or a matplotlib name")
     g.add_argument("--normalization", choices=("symmetric", "absolute"), default="symmetric")
-    g.add_argument("--percentile", type=float, default=100.0, help="scale by this percentile of |R| (default 100: max)")
+    g.add_argument("--percentile", type=_percentile, default=100.0, help="scale by this percentile of |R| (default 100: max)")
     g.add_argument("--overlay", action="store_true", help="draw heatmaps over the input images")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("dataset mode (shards; resumable; torchrun)")
     g.add_argument("--dataset", action="store_true", help="stream relevance to OUT in shards with an index (no PNGs)")
-    g.add_argument("--shard-size", type=int, default=1024, help="samples per shard (default 1024)")
+    g.add_argument("--shard-size", type=_int_at_least(1), default=1024, help="samples per shard (default 1024)")
     g.add_argument("--no-resume", action="store_true", help="start over instead of skipping finished shards")
     g.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="dtype of the stored relevance (default: as computed)")
@@ -256,12 +344,15 @@ def _run(args) -> int:
         raise ModelLoadError("--model is required for inputs other than 'demo' (a torchvision name or "
                              "package.module:factory)")
     channels = args.channels or (1 if model_spec == "demo" or model_spec.startswith("seed_mnist_cnn") else 3)
-    dataset, names, labels = load_inputs(args.inputs, channels=channels, size=args.size, crop=args.crop)
-    model = build_model(model_spec, args.weights, args.num_classes, args.cache_dir)
+    # what needs neither the inputs nor the model is checked before either is loaded
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: CUDA is not available")
     normalize = _normalizer(args, channels)
+    if args.weights is not None and not os.path.exists(args.weights):
+        raise ModelLoadError(f"weights file {args.weights!r} does not exist")
+    dataset, names, labels = load_inputs(args.inputs, channels=channels, size=args.size, crop=args.crop)
+    model = build_model(model_spec, args.weights, args.num_classes, args.cache_dir)
     lrp_kwargs = dict(args.param, stabilizer=args.stabilizer, init=args.init, attention=args.attention)
     if args.composite == "epsilon_gamma_box" and "low" not in lrp_kwargs and "high" not in lrp_kwargs:
         # z^B needs the input's bounds: the loaders give [0, 1], so they are 0 and 1 after the

@@ -8,9 +8,17 @@ and computes the relevance step through `lrpfast.ops` (extension or fallback). U
 every batch size is right, ReLU never runs in place, nothing is squeezed, sign(0) = +1, no
 autograd graph is built by relprop, and `use_rho=True` is a proper z+ rule (denominator
 recomputed with the clamped weights, conservative).
+
+Per-call state: a layer keeps its last forward's input and output (and a max pool its indices)
+until relprop reads them, so one layer instance serves one forward/relprop pair at a time. Do
+not share a layer (or a model built from them) between threads that run concurrently: give each
+thread its own copy (copy.deepcopy). A relprop whose forward was overwritten by another
+thread's forward, before or during the relprop, raises a RelevanceError instead of returning
+the other call's relevance.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -35,8 +43,18 @@ def _check_finite(where: str, name: str, t: torch.Tensor) -> None:
     ops.check_finite(t, f"{where}: {name} contains NaN or Inf")
 
 
+# Guards the forward cache of every layer (one lock for all: a lock per layer would not survive
+# copy.deepcopy or pickling, and uncontended it costs well under a microsecond per call).
+_STATE_LOCK = threading.Lock()
+
+
 class _RelLayer(nn.Module):
-    """Shared machinery: the wrapped module, ε and stabiliser, the forward cache."""
+    """Shared machinery: the wrapped module, ε and stabiliser, the forward cache.
+
+    The cache is per-call state (see the module docstring): forward stores its input and output,
+    relprop reads them. `_generation` counts forwards and `_thread_generation` remembers, per
+    thread, the generation of that thread's last forward, so that relprop can tell when another
+    thread's forward replaced the one it belongs to."""
 
     _wraps: tuple = ()
 
@@ -53,6 +71,8 @@ class _RelLayer(nn.Module):
         self.input: Optional[torch.Tensor] = None
         self.output: Optional[torch.Tensor] = None
         self._versions = (0, 0)
+        self._generation = 0
+        self._thread_generation: dict = {}
 
     # The seed's wrappers exposed the wrapped layer's parameters as their own.
     @property
@@ -63,11 +83,31 @@ class _RelLayer(nn.Module):
     def bias(self):
         return self.module.bias
 
-    def _cache(self, x: torch.Tensor, z: torch.Tensor) -> None:
+    def _cache(self, x: torch.Tensor, z: torch.Tensor, **extra) -> None:
         _check_finite(f"{type(self).__name__}.forward", "the input", x)
-        self.input, self.output = x.detach(), z.detach()
-        self._versions = (x._version, z._version)
+        if torch.compiler.is_compiling():  # no lock or thread ids inside a traced graph
+            self.input, self.output = x.detach(), z.detach()
+            self._versions = (x._version, z._version)
+            for k, v in extra.items():
+                setattr(self, k, v)
+        else:
+            with _STATE_LOCK:
+                self.input, self.output = x.detach(), z.detach()
+                self._versions = (x._version, z._version)
+                for k, v in extra.items():
+                    setattr(self, k, v)
+                self._generation += 1
+                gens = self._thread_generation
+                if len(gens) > 256:  # threads come and go: keep the map small
+                    gens.clear()
+                gens[threading.get_ident()] = self._generation
         _mark_finite(z)
+
+    def _concurrent_forward(self, what: str) -> RelevanceError:
+        return RelevanceError(
+            f"{type(self).__name__}.relprop: another thread ran forward on this layer {what}; a layer holds its "
+            "last forward's input and output (per-call state), so each thread needs its own copy (copy.deepcopy)"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The wrapped layer's forward, with its input and output kept for relprop."""
@@ -77,15 +117,29 @@ class _RelLayer(nn.Module):
 
     @torch.no_grad()
     def relprop(self, r: torch.Tensor, use_rho: bool = False) -> torch.Tensor:
-        """Relevance at this layer's input from the relevance r at its output. r may hold K maps
-        per sample (K*B rows, sample-major); the result has as many rows."""
-        return _mark_finite(self._relprop(r, use_rho))
+        """Relevance at this layer's input from the relevance r at its output (of this thread's
+        last forward: see the module docstring on threads). r may hold K maps per sample (K*B
+        rows, sample-major); the result has as many rows."""
+        if torch.compiler.is_compiling():
+            return _mark_finite(self._relprop(r, use_rho))
+        with _STATE_LOCK:
+            start = self._generation
+        out = self._relprop(r, use_rho)
+        with _STATE_LOCK:
+            if self._generation != start:
+                raise self._concurrent_forward("while this relprop ran")
+        return _mark_finite(out)
 
     def _relprop(self, r: torch.Tensor, use_rho: bool) -> torch.Tensor:
         raise NotImplementedError
 
     def _cached(self, r: torch.Tensor):
         name = type(self).__name__
+        if not torch.compiler.is_compiling():
+            with _STATE_LOCK:
+                mine = self._thread_generation.get(threading.get_ident())
+                if mine is not None and mine != self._generation:
+                    raise self._concurrent_forward("after this thread's forward")
         if self.input is None:
             raise RelevanceError(f"{name}.relprop: called before forward; run the layer on an input first")
         if not isinstance(r, torch.Tensor):
@@ -189,8 +243,7 @@ class _relMaxPool(_RelLayer):
         # Always keep the forward's indices: winner-take-all needs them, and recomputing them
         # (the seed's way) costs a second pooling pass.
         z, idx = _MAX_POOL[type(m)](x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
-        self._cache(x, z)
-        self.indices = idx
+        self._cache(x, z, indices=idx)
         return (z, idx) if m.return_indices else z
 
     def _relprop(self, r: torch.Tensor, use_rho: bool) -> torch.Tensor:

@@ -12,14 +12,13 @@ shared. `batch_size` or `memory_budget` split a large batch into chunks.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from . import graph, nodes as N, ops
+from . import checks, graph, nodes as N, ops
 from .ops import DEFAULT_EPS, RelevanceError
 from .rules import Epsilon
 
@@ -50,17 +49,11 @@ class Explanation:
 
 
 def _parse_budget(v) -> Optional[int]:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", v, re.IGNORECASE)
-        if not m:
-            raise RelevanceError(f"LRP: memory_budget {v!r} is not a size like 2GiB, 512MB or a number of bytes")
-        unit = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-        v = float(m.group(1)) * unit
-    if not isinstance(v, (int, float)) or v <= 0:
-        raise RelevanceError(f"LRP: memory_budget must be a positive number of bytes, got {v!r}")
-    return int(v)
+    """None, or a positive finite number of bytes / a size string ("2GiB", "512MB", "1.5G"):
+    anything else is a RelevanceError naming memory_budget and what it may be."""
+    from .checks import parse_budget
+
+    return parse_budget(v)
 
 
 def _rule_resolver(composite, eps, stabilizer, params):
@@ -99,12 +92,19 @@ def _targets(target, logits: torch.Tensor):
     b, classes = logits.shape
     if target is None:
         return logits.argmax(1, keepdim=True), False
-    if isinstance(target, bool):
-        raise TypeError("LRP: target must be None, an int or a LongTensor, got a bool")
+    from .checks import as_target
+
+    target = as_target(target)  # strings, bools, floats, beyond-int64 lists: a clear error naming target
     if isinstance(target, int):
+        if not 0 <= target < classes:  # before torch.full: 10**30 would overflow int64 there
+            raise RelevanceError(f"LRP: target {target} is out of range for {classes} classes "
+                                 f"(valid: 0..{classes - 1})")
         t, multi = torch.full((b, 1), target, dtype=torch.long, device=logits.device), False
     else:
-        t = target if isinstance(target, torch.Tensor) else torch.as_tensor(target)
+        t = target
+        if t.is_meta:
+            raise RelevanceError("LRP: target is on the meta device (no data); give class indices on the CPU or "
+                                 "the model's device")
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"LRP: target must hold integer class indices, got dtype {t.dtype}")
         t = t.to(device=logits.device, dtype=torch.long)
@@ -211,6 +211,19 @@ class LRP:
             raise TypeError(f"LRP: x must be a floating-point tensor, got {x.dtype}")
         if x.dim() < 2 or x.shape[0] == 0:
             raise RelevanceError(f"LRP: x must be a batch (B, ...) with B >= 1, got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise RelevanceError(f"LRP: x is empty (shape {tuple(x.shape)}): every dimension must be >= 1")
+        if x.is_meta:
+            raise RelevanceError("LRP: x is on the meta device (a shape without data); give x real data on the "
+                                 "model's device")
+        if not torch.compiler.is_compiling():
+            from itertools import chain
+
+            meta = next((n for n, p in chain(self.model.named_parameters(), self.model.named_buffers())
+                         if p.is_meta), None)
+            if meta is not None:
+                raise RelevanceError(f"LRP: the model's parameter or buffer {meta!r} is on the meta device (no data); "
+                                     "materialise the model first (model.to_empty(device=...) and load_state_dict)")
         ref = next(iter(self.model.parameters()), None)
         if ref is not None and (ref.dtype != x.dtype or ref.device != x.device):
             raise RelevanceError(f"LRP: x is {x.dtype} on {x.device}, but the model's parameters are {ref.dtype} on "
@@ -240,7 +253,11 @@ class LRP:
             try:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
-                with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                from .checks import quiet_fake_tensor_errors
+
+                # a wrong-shaped x fails here first: torch would log the meta kernel's traceback at
+                # ERROR level before the clean error of the call itself (issue 14)
+                with torch.no_grad(), quiet_fake_tensor_errors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     graph.forward(self.plan, mode.from_tensor(x1), sizes=sizes, extra=extra, scratch=scratch)
             except Exception:  # noqa: BLE001 (an op without a fake kernel: measure for real)
                 sizes, extra, scratch = [], [], []
@@ -286,7 +303,7 @@ class LRP:
         b = x.shape[0]
         t_all = target
         if target is not None and not isinstance(target, (int, torch.Tensor)):
-            t_all = torch.as_tensor(target)  # lists, numpy arrays: split per chunk like a tensor
+            t_all = checks.as_target(target)  # lists, numpy arrays: split per chunk like a tensor
         if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 and t_all.shape[0] != b:
             raise RelevanceError(f"LRP: target has {t_all.shape[0]} rows for a batch of {b} samples")
         k = t_all.shape[1] if isinstance(t_all, torch.Tensor) and t_all.dim() == 2 else 1

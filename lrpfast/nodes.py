@@ -723,7 +723,10 @@ class ReshapeStep(Step):
         x = call.saved[self.index]
         shape = x.shape[1:]
         if msg.kind == LAZY:
-            return [(self.src, Msg(LAZY, msg.a.reshape(msg.a.shape[0], *shape), x, msg.owned))]
+            # The pending factor is the tensor the message was made for (an activation above may
+            # have changed it), not this step's input: both take the input's shape back.
+            return [(self.src, Msg(LAZY, msg.a.reshape(msg.a.shape[0], *shape),
+                                   msg.x.reshape(msg.x.shape[0], *shape), msg.owned))]
         r = materialize(msg)
         return [(self.src, Msg(DENSE, r.reshape(r.shape[0], *shape), None, msg.owned or msg.kind != DENSE))]
 
@@ -759,8 +762,8 @@ class PermuteStep(Step):
 
     def relprop(self, msg, call):
         x, back = call.saved[self.index]
-        if msg.kind == LAZY:
-            return [(self.src, Msg(LAZY, msg.a.permute(back), x, msg.owned))]
+        if msg.kind == LAZY:   # the pending factor permuted alike (ReshapeStep.relprop)
+            return [(self.src, Msg(LAZY, msg.a.permute(back), msg.x.permute(back), msg.owned))]
         r = materialize(msg)
         return [(self.src, Msg(DENSE, r.permute(back), None, msg.owned or msg.kind != DENSE))]
 
@@ -805,9 +808,12 @@ class CatStep(Step):
         owned = msg.owned or msg.kind != DENSE
         out, start = [], 0
         for i, x in zip(self.inputs, xs):
-            part = src.narrow(d, start, x.shape[d])
-            start += x.shape[d]
-            out.append((i, Msg(LAZY, part, x, owned) if msg.kind == LAZY else Msg(DENSE, part, None, owned)))
+            n = x.shape[d]
+            part = src.narrow(d, start, n)
+            # the pending factor's slice, not the input x (an activation above the cat changes it)
+            out.append((i, Msg(LAZY, part, msg.x.narrow(d, start, n), owned) if msg.kind == LAZY
+                        else Msg(DENSE, part, None, owned)))
+            start += n
         return out
 
     def zero_preserving(self, plan):
@@ -857,11 +863,11 @@ class PieceStep(Step):
 
     def relprop(self, msg, call):
         x, d, start = call.saved[self.index]
-        a = msg.a if msg.kind == LAZY else materialize(msg)
+        # The product pending in a LAZY message is taken on the piece (small) before the scatter:
+        # its factor is the tensor the message was made for, which need not be a piece of x.
+        a = materialize(msg)
         full = a.new_zeros((a.shape[0], *x.shape[1:]))
         full.narrow(d, start, a.shape[d]).copy_(a)
-        if msg.kind == LAZY:
-            return [(self.src, Msg(LAZY, full, x, True))]
         return [(self.src, Msg(DENSE, full, None, True))]
 
     def zero_preserving(self, plan):
@@ -893,7 +899,8 @@ class IndexStep(Step):
     """Basic indexing x[idx] (ints, slices, None, Ellipsis) that keeps the batch dimension whole:
     the relevance is scattered back into zeros of the input's shape (K*B rows; the index's batch
     entry is a full slice, so it applies to the K maps of every sample alike). A pending product
-    stays pending: scatter(y ⊙ c) = x ⊙ scatter(c), as y = x where selected."""
+    is taken on the selection first: its factor is the tensor the message was made for, which an
+    activation between this step and that layer may have changed (so it is not x[idx])."""
 
     op = "getitem (slicing)"
     batch_anywhere = True
@@ -950,15 +957,13 @@ class IndexStep(Step):
 
     def relprop(self, msg, call):
         x, idx, d, out_bd = call.saved[self.index]
-        a = msg.a if msg.kind == LAZY else materialize(msg)
+        a = materialize(msg)   # the pending product on the selection, before the scatter (PieceStep)
         shape = list(x.shape)
         shape[d] = a.shape[0]
         full = a.new_zeros(shape)
         full[idx] = a.movedim(0, out_bd) if out_bd else a
         if d:
-            full, x = full.movedim(d, 0), x.movedim(d, 0)
-        if msg.kind == LAZY:
-            return [(self.src, Msg(LAZY, full, x, True))]
+            full = full.movedim(d, 0)
         return [(self.src, Msg(DENSE, full, None, True))]
 
     def zero_preserving(self, plan):

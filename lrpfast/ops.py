@@ -12,6 +12,8 @@ Layer steps:        linear_relprop, conv_relprop, max_pool_relprop, avg_pool_rel
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -81,11 +83,108 @@ def _impl(name: str):
     return getattr(torch.ops.lrpfast, name) if _ext._use_ext else getattr(_fallback, name)
 
 
-def _ints(where: str, name: str, v, dims: int):
-    v = [v] * dims if isinstance(v, int) else list(v)
+def _ints(where: str, name: str, v, dims: int, minimum: Optional[int] = None):
+    """v (an int or `dims` ints) as a list of `dims` ints, each >= minimum when given."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = [v] * dims
+    else:
+        try:
+            v = list(v)
+        except TypeError:
+            raise RelevanceError(f"{where}: {name} must be an int or {dims} ints, got {v!r}") from None
     if len(v) != dims:
         raise RelevanceError(f"{where}: {name} must have {dims} entries, got {v}")
-    return [int(i) for i in v]
+    try:
+        out = [operator.index(i) for i in v]
+        if any(isinstance(i, bool) for i in v):
+            raise TypeError
+    except TypeError:
+        raise RelevanceError(f"{where}: {name} must hold ints, got {v}") from None
+    if minimum is not None and any(i < minimum for i in out):
+        raise RelevanceError(f"{where}: {name} must be >= {minimum} in every dimension, got {out}")
+    return out
+
+
+def _check_groups(where: str, groups, out_channels: int) -> int:
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1 or out_channels % groups:
+        raise RelevanceError(f"{where}: groups must be a positive int dividing the {out_channels} output channels "
+                             f"of weight, got {groups!r}")
+    return int(groups)
+
+
+def conv_geometry(where: str, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
+                  groups):
+    """The one check of a convolution step's geometry, before either implementation runs (the
+    extension and the fallback then see the same valid arguments): stride >= 1, dilation >= 1,
+    padding >= 0 (or 'valid', or 'same' with stride 1), groups dividing the channels, x's
+    channels matching weight, and z's spatial size the one the convolution of x gives.
+    Returns (stride, padding before, padding after, dilation, groups), lists per spatial dim."""
+    dims = weight.dim() - 2
+    if dims not in (1, 2, 3) or x.dim() != dims + 2 or z.dim() != dims + 2:
+        raise RelevanceError(
+            f"{where}: expected a {dims}d convolution with x and z of {dims + 2} dims, got "
+            f"x {tuple(x.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}"
+        )
+    stride = _ints(where, "stride", stride, dims, minimum=1)
+    dilation = _ints(where, "dilation", dilation, dims, minimum=1)
+    groups = _check_groups(where, groups, weight.shape[0])
+    if x.shape[1] != weight.shape[1] * groups or z.shape[1] != weight.shape[0] or x.shape[0] != z.shape[0]:
+        raise RelevanceError(
+            f"{where}: channels do not match: x {tuple(x.shape)}, z {tuple(z.shape)}, weight "
+            f"{tuple(weight.shape)}, groups {groups}"
+        )
+    kernel = list(weight.shape[2:])
+    if isinstance(padding, str):
+        if padding == "valid":
+            lo = hi = [0] * dims
+        elif padding == "same":
+            if any(s != 1 for s in stride):
+                raise RelevanceError(f"{where}: padding='same' needs stride 1, got stride {stride}")
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            lo = [t // 2 for t in total]
+            hi = [t - l for t, l in zip(total, lo)]
+        else:
+            raise RelevanceError(f"{where}: padding must be 'valid', 'same' or ints, got {padding!r}")
+    else:
+        lo = hi = _ints(where, "padding", padding, dims, minimum=0)
+    want = [(i + a + b - d * (k - 1) - 1) // s + 1
+            for i, a, b, d, k, s in zip(x.shape[2:], lo, hi, dilation, kernel, stride)]
+    if any(w < 1 for w in want):
+        raise RelevanceError(
+            f"{where}: the kernel {tuple(kernel)} (dilation {dilation}) is larger than x's padded spatial size "
+            f"(x {tuple(x.shape)}, padding {padding if isinstance(padding, str) else lo})"
+        )
+    if list(z.shape[2:]) != want:
+        raise RelevanceError(
+            f"{where}: z has spatial size {tuple(z.shape[2:])}, expected {tuple(want)}: the convolution of x "
+            f"{tuple(x.shape)} with weight {tuple(weight.shape)}, stride {stride}, padding "
+            f"{padding if isinstance(padding, str) else lo}, dilation {dilation}"
+        )
+    return stride, lo, hi, dilation, groups
+
+
+def pool_output_size(where: str, x: torch.Tensor, kernel_size, stride, padding, dilation=1, ceil_mode: bool = False):
+    """Validated (kernel_size, stride, padding, dilation) of a pooling over x's spatial dims, and
+    the output spatial size torch's pooling gives: kernel, stride, dilation >= 1, 0 <= padding
+    <= half the effective kernel."""
+    dims = x.dim() - 2
+    kernel_size = _ints(where, "kernel_size", kernel_size, dims, minimum=1)
+    stride = kernel_size if stride is None or (not isinstance(stride, numbers.Integral) and len(stride) == 0) \
+        else _ints(where, "stride", stride, dims, minimum=1)
+    padding = _ints(where, "padding", padding, dims, minimum=0)
+    dilation = _ints(where, "dilation", dilation, dims, minimum=1)
+    if any(2 * p > d * (k - 1) + 1 for p, k, d in zip(padding, kernel_size, dilation)):
+        raise RelevanceError(f"{where}: padding {padding} must be at most half the kernel_size {kernel_size}")
+    out = []
+    for i, k, s, p, d in zip(x.shape[2:], kernel_size, stride, padding, dilation):
+        o = (i + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (o - 1) * s >= i + p:
+            o -= 1
+        out.append(o)
+    if any(o < 1 for o in out):
+        raise RelevanceError(f"{where}: kernel_size {kernel_size} is larger than x's padded spatial size "
+                             f"(x {tuple(x.shape)}, padding {padding})")
+    return kernel_size, stride, padding, dilation, out
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -147,42 +246,20 @@ def conv_relprop(r, x, z, weight, stride=1, padding: Union[int, Sequence[int], s
     'valid', 'same' (asymmetric when the kernel is even) or ints."""
     for n, t in (("r", r), ("x", x), ("z", z), ("weight", weight)):
         _check_tensor(where, n, t, r)
-    dims = weight.dim() - 2
-    if dims not in (1, 2, 3) or x.dim() != dims + 2 or z.dim() != dims + 2:
-        raise RelevanceError(
-            f"{where}: expected a {dims}d convolution with x and z of {dims + 2} dims, got "
-            f"x {tuple(x.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}"
-        )
-    stride = _ints(where, "stride", stride, dims)
-    dilation = _ints(where, "dilation", dilation, dims)
-    if x.shape[1] != weight.shape[1] * groups or z.shape[1] != weight.shape[0] or x.shape[0] != z.shape[0]:
-        raise RelevanceError(
-            f"{where}: channels do not match: x {tuple(x.shape)}, z {tuple(z.shape)}, weight "
-            f"{tuple(weight.shape)}, groups {groups}"
-        )
+    stride, lo, hi, dilation, groups = conv_geometry(where, x, z, weight, stride, padding, dilation, groups)
     _check_rows(where, r, "z", z, z.shape[1:])
     check_stabilizer(where, eps, stabilizer)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = [0] * dims
-        elif padding == "same":
-            total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-            lo = [t // 2 for t in total]
-            if any(t % 2 for t in total):
-                # Asymmetric 'same' padding (even kernel): explain the explicitly padded input,
-                # then drop the padding (its x is 0, so it holds no relevance).
-                pad = []
-                for t, l in zip(reversed(total), reversed(lo)):
-                    pad += [l, t - l]
-                xp = torch.nn.functional.pad(x, pad)
-                rp = _impl("conv_relprop")(r, xp, z, weight, stride, [0] * dims, dilation, int(groups), float(eps), stabilizer)
-                idx = (slice(None), slice(None)) + tuple(slice(l, l + n) for l, n in zip(lo, x.shape[2:]))
-                return rp[idx].contiguous(memory_format=_fallback._memory_format(x))
-            padding = lo
-        else:
-            raise RelevanceError(f"{where}: padding must be 'valid', 'same' or ints, got {padding!r}")
-    padding = _ints(where, "padding", padding, dims)
-    return _impl("conv_relprop")(r, x, z, weight, stride, padding, dilation, int(groups), float(eps), stabilizer)
+    if lo != hi:
+        # Asymmetric 'same' padding (even kernel): explain the explicitly padded input, then drop
+        # the padding (its x is 0, so it holds no relevance).
+        pad = []
+        for l, h in zip(reversed(lo), reversed(hi)):
+            pad += [l, h]
+        xp = torch.nn.functional.pad(x, pad)
+        rp = _impl("conv_relprop")(r, xp, z, weight, stride, [0] * len(lo), dilation, groups, float(eps), stabilizer)
+        idx = (slice(None), slice(None)) + tuple(slice(l, l + n) for l, n in zip(lo, x.shape[2:]))
+        return rp[idx].contiguous(memory_format=_fallback._memory_format(x))
+    return _impl("conv_relprop")(r, x, z, weight, stride, lo, dilation, groups, float(eps), stabilizer)
 
 
 def max_pool_relprop(r, indices, input_size: Sequence[int], where: str = "max_pool_relprop", *,
@@ -213,11 +290,11 @@ def _disjoint_cells(where: str, dims: int, kernel_size, stride, padding, dilatio
     [c*stride - padding, c*stride - padding + stride) then hold one window each."""
     if kernel_size is None or dims < 1:
         return [], []
-    kernel_size = _ints(where, "kernel_size", kernel_size, dims)
+    kernel_size = _ints(where, "kernel_size", kernel_size, dims, minimum=1)
     stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else \
-        _ints(where, "stride", stride, dims)
-    padding = _ints(where, "padding", padding, dims)
-    dilation = _ints(where, "dilation", dilation, dims)
+        _ints(where, "stride", stride, dims, minimum=1)
+    padding = _ints(where, "padding", padding, dims, minimum=0)
+    dilation = _ints(where, "dilation", dilation, dims, minimum=1)
     disjoint = all(d * (k - 1) + 1 <= s and 0 <= p < s
                    for k, s, p, d in zip(kernel_size, stride, padding, dilation))
     return (stride, padding) if disjoint else ([], [])
@@ -232,9 +309,15 @@ def avg_pool_relprop(r, x, z, kernel_size, stride=None, padding=0, ceil_mode: bo
     dims = x.dim() - 2
     if dims not in (1, 2, 3) or z.dim() != x.dim() or z.shape[:2] != x.shape[:2]:
         raise RelevanceError(f"{where}: expected x and z of shape (B, C, *spatial), got {tuple(x.shape)}, {tuple(z.shape)}")
-    kernel_size = _ints(where, "kernel_size", kernel_size, dims)
-    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _ints(where, "stride", stride, dims)
-    padding = _ints(where, "padding", padding, dims)
+    kernel_size, stride, padding, _, want = pool_output_size(where, x, kernel_size, stride, padding, 1, ceil_mode)
+    if list(z.shape[2:]) != want:
+        raise RelevanceError(
+            f"{where}: z has spatial size {tuple(z.shape[2:])}, expected {tuple(want)}: the pooling of x "
+            f"{tuple(x.shape)} with kernel_size {kernel_size}, stride {stride}, padding {padding}, ceil_mode {bool(ceil_mode)}"
+        )
+    if divisor_override is not None and (isinstance(divisor_override, bool) or not isinstance(divisor_override, int)
+                                         or divisor_override < 1):
+        raise RelevanceError(f"{where}: divisor_override must be None or a positive int, got {divisor_override!r}")
     _check_rows(where, r, "z", z, z.shape[1:])
     check_stabilizer(where, eps, stabilizer)
     return _impl("avg_pool_relprop")(r, x, z, kernel_size, stride, padding, bool(ceil_mode), bool(count_include_pad),

@@ -35,7 +35,10 @@ class _RuleEverywhere:
 class lrpMNIST(nn.Module):
     """Seed-compatible wrapper: `forward(x)` gives logits, `relprop(x, store=False,
     use_rho=False)` the input relevance. `model` is an nn.Sequential, or a module with a `layers`
-    Sequential (the seed's MNISTmodel)."""
+    Sequential (the seed's MNISTmodel).
+
+    `activation_maps` is per-call state: each relprop(store=True) rewrites it, so threads that
+    store maps concurrently need one wrapper each (copy.deepcopy)."""
 
     def __init__(self, model: nn.Module, load_path: Optional[str] = None, eps: float = DEFAULT_EPS,
                  stabilizer: str = "sign"):

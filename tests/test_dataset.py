@@ -1,5 +1,6 @@
 """explain_dataset: shards + index against the direct whole-batch LRP call, resume after an
-interruption, and two torch.distributed ranks (torchrun, gloo, CPU) against one process."""
+interruption, resume refusing data that changed (same length), and two torch.distributed ranks
+(torchrun, gloo, CPU) against one process."""
 from __future__ import annotations
 
 import json
@@ -117,12 +118,110 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     again = Interrupting()
     summary = explain_dataset(model, again, part, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE, progress=False)
-    assert summary["shards_skipped"] == 2
-    assert sorted(again.reads) == list(range(2 * SHARD_SIZE, N_SAMPLES))  # finished shards not redone
-    assert {f: os.stat(part / f).st_mtime_ns for f in done_before} == done_before
+    assert summary["shards_skipped"] == 2 and summary["shards_verified"] == 2
+    assert sorted(summary["shards_written"]) == list(range(2, -(-N_SAMPLES // SHARD_SIZE)))
+    # Reads: the first and last sample (the data fingerprint), the finished shards' samples once
+    # (their input hashes, no LRP), the others once (explained).
+    assert sorted(again.reads) == sorted([0, N_SAMPLES - 1] + list(range(N_SAMPLES)))
+    assert {f: os.stat(part / f).st_mtime_ns for f in done_before} == done_before  # finished shards not redone
     a, b = open_relevance(part), open_relevance(full)
     for field in ("relevance", "targets", "logits"):
         assert torch.equal(a.load(field), b.load(field)), field
+
+
+def _changed(x, i):
+    """x with sample i changed (a copy)."""
+    y = x.clone()
+    y[i] = 1 - y[i]
+    return y
+
+
+def test_resume_refuses_a_changed_first_sample_with_the_same_length(tmp_path):
+    model, x = toy_model(), toy_inputs()
+    explain_dataset(model, x, tmp_path, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE, progress=False)
+    stamps = {f: os.stat(tmp_path / f).st_mtime_ns for f in shard_files(tmp_path) + ["manifest.json"]}
+    for i, which in ((0, "first sample"), (N_SAMPLES - 1, "last sample")):
+        with pytest.raises(RelevanceError, match=f"data changed.*{which} \\({i}\\).*resume=False"):
+            explain_dataset(model, _changed(x, i), tmp_path, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE,
+                            progress=False)
+    # Refused before any work: the earlier run's folder is untouched and still opens.
+    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in stamps} == stamps
+    torch.testing.assert_close(open_relevance(tmp_path).load(), direct(model, x), rtol=1e-5, atol=1e-6)
+    # resume=False starts over on the new data.
+    y = _changed(x, 0)
+    summary = explain_dataset(model, y, tmp_path, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE, resume=False,
+                              progress=False)
+    assert summary["shards_skipped"] == 0
+    torch.testing.assert_close(open_relevance(tmp_path).load(), direct(model, y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_resume_refuses_data_changed_only_in_a_middle_shard(tmp_path, complete):
+    """First and last sample unchanged, one sample of shard 2 changed: the shard hashes catch it,
+    whether the earlier run finished or was interrupted after that shard."""
+    model, x = toy_model(), toy_inputs()
+    if complete:
+        explain_dataset(model, x, tmp_path, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE, progress=False)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            explain_dataset(model, Interrupting(fail_at=3 * SHARD_SIZE + 1), tmp_path, shard_size=SHARD_SIZE,
+                            batch_size=BATCH_SIZE, progress=False)
+        assert len(shard_files(tmp_path)) == 3
+    stamps = {f: os.stat(tmp_path / f).st_mtime_ns for f in shard_files(tmp_path) + ["manifest.json"]}
+    y = _changed(x, 2 * SHARD_SIZE + 5)
+    with pytest.raises(RelevanceError, match=r"data changed.*shard 2 \(shard-000002\.pt, samples 16\.\.23\)"
+                                             r".*resume=False") as info:
+        explain_dataset(model, y, tmp_path, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE, progress=False)
+    assert "shard 1 " not in str(info.value) and "shard 3 " not in str(info.value)  # only the changed one
+    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in stamps} == stamps  # nothing written
+    if complete:
+        open_relevance(tmp_path)  # the earlier, finished run is still intact
+    # The hash does not depend on the batching: the same data with another batch size resumes.
+    summary = explain_dataset(model, x, tmp_path, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE + 2, progress=False)
+    assert summary["shards_verified"] == len(stamps) - 1
+    # Starting over on the changed data recomputes every shard.
+    summary = explain_dataset(model, y, tmp_path, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE, resume=False,
+                              progress=False)
+    assert summary["shards_skipped"] == 0
+    torch.testing.assert_close(open_relevance(tmp_path).load(), direct(model, y), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_unchanged_data_and_labels(tmp_path):
+    """Unchanged (x, y) items resume without recomputing; a changed label alone (target="label")
+    is changed data too; verify_data=False skips the checks (and the extra reads)."""
+    model, x = toy_model(), toy_inputs()
+    y = torch.arange(N_SAMPLES) % 5
+    explain_dataset(model, TensorDataset(x, y), tmp_path, target="label", shard_size=SHARD_SIZE,
+                    batch_size=BATCH_SIZE, progress=False)
+    stamps = {f: os.stat(tmp_path / f).st_mtime_ns for f in shard_files(tmp_path)}
+    summary = explain_dataset(model, TensorDataset(x, y), tmp_path, target="label", shard_size=SHARD_SIZE,
+                              batch_size=BATCH_SIZE, progress=False)
+    assert summary["shards_written"] == [] and summary["shards_verified"] == len(stamps)
+    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in stamps} == stamps
+    y2 = y.clone()
+    y2[SHARD_SIZE + 1] = (y2[SHARD_SIZE + 1] + 1) % 5
+    with pytest.raises(RelevanceError, match=r"data changed.*shard 1 \("):
+        explain_dataset(model, TensorDataset(x, y2), tmp_path, target="label", shard_size=SHARD_SIZE,
+                        batch_size=BATCH_SIZE, progress=False)
+    unchecked = Interrupting()
+    explain_dataset(model, unchecked, tmp_path / "unchecked", shard_size=SHARD_SIZE, batch_size=BATCH_SIZE,
+                    progress=False)
+    unchecked.reads.clear()
+    summary = explain_dataset(model, unchecked, tmp_path / "unchecked", shard_size=SHARD_SIZE, batch_size=BATCH_SIZE,
+                              verify_data=False, progress=False)
+    # only the two reads of the fingerprint the manifest records
+    assert summary["shards_verified"] == 0 and summary["shards_written"] == [] and unchecked.reads == [0, N_SAMPLES - 1]
+
+
+def test_resume_refuses_a_run_without_fingerprints(tmp_path):
+    """A folder from before the data fingerprints (format 1) cannot be checked: a clear error."""
+    model, x = toy_model(), toy_inputs()
+    explain_dataset(model, x, tmp_path, shard_size=SHARD_SIZE, progress=False)
+    manifest = json.load(open(tmp_path / "manifest.json"))
+    del manifest["data"]
+    json.dump(manifest, open(tmp_path / "manifest.json", "w"))
+    with pytest.raises(RelevanceError, match="without a data fingerprint.*resume=False"):
+        explain_dataset(model, x, tmp_path, shard_size=SHARD_SIZE, progress=False)
 
 
 def test_resume_refuses_other_settings_and_overwrite_restarts(tmp_path):
@@ -172,8 +271,19 @@ def test_two_torchrun_ranks_equal_one_process(tmp_path):
     assert torch.equal(a.load("targets"), b.load("targets"))
     torch.testing.assert_close(a.load(), b.load(), rtol=1e-5, atol=1e-6)
 
+    # Resume on data changed in shard 3 only (rank 1's): rank 1 finds it, and both ranks stop with
+    # the same message (no rank hangs, no rank goes on).
+    stamps = {f: os.stat(out / f).st_mtime_ns for f in shard_files(out)}
+    stdout = run_torchrun(out, 2, "cpu", str(3 * SHARD_SIZE + 2), expect_ok=False)
+    errors = sorted(line for line in stdout.splitlines() if line.startswith("rank ") and " error: " in line)
+    assert [e.split(" error: ")[0] for e in errors] == ["rank 0", "rank 1"], stdout
+    assert errors[0].split(" error: ")[1] == errors[1].split(" error: ")[1]
+    assert "data changed" in errors[0] and "shard 3 (shard-000003.pt" in errors[0] and "shard 2 " not in errors[0]
+    assert {f: os.stat(out / f).st_mtime_ns for f in stamps} == stamps
+    open_relevance(out)
 
-def run_torchrun(out, nproc, *extra):
+
+def run_torchrun(out, nproc, *extra, expect_ok=True):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.join(REPO, "tests", "dataset_worker.py"), str(out), *extra]
@@ -181,7 +291,10 @@ def run_torchrun(out, nproc, *extra):
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"torchrun did not finish in 300 s: {exc.stdout}\n{exc.stderr}")
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    if expect_ok:
+        assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    else:
+        assert proc.returncode != 0, f"torchrun succeeded, expected a failure:\n{proc.stdout}"
     return proc.stdout
 
 

@@ -1,0 +1,96 @@
+"""Argument checks shared by lrpfast.LRP and its callers: one clear line naming the argument and
+what it may be, before any work (issue 14)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+import re
+import threading
+from typing import Optional
+
+import torch
+
+from .ops import RelevanceError
+
+# memory_budget strings: a number (1, 1.5, .5, 1e9) and an optional binary unit K/M/G/T with an
+# optional B or iB ("2GiB", "512MB", "1.5G", "100k", "4096B"): 1K = 1024 bytes.
+_BUDGET = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([KMGT]?)(i?B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+BUDGET_ALLOWED = "a positive number of bytes or a size like '2GiB', '512MB', '1.5G' (units K/M/G/T, 1K = 1024)"
+
+
+def parse_budget(v) -> Optional[int]:
+    """memory_budget -> bytes (None stays None). Anything else: RelevanceError naming it."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        m = _BUDGET.fullmatch(v)
+        if not m:
+            raise RelevanceError(f"LRP: memory_budget {v!r} is not {BUDGET_ALLOWED}")
+        try:
+            number = float(m.group(1)) * 10.0 ** int(m.group(2) or 0) * _UNITS[m.group(3).upper()]
+        except OverflowError:  # "1e999"
+            number = math.inf
+    elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+        number = float(v)
+    else:
+        raise RelevanceError(f"LRP: memory_budget must be {BUDGET_ALLOWED}, got {type(v).__name__} {v!r}")
+    if not math.isfinite(number) or number < 1:
+        raise RelevanceError(f"LRP: memory_budget must be {BUDGET_ALLOWED}, got {v!r}")
+    return int(number)
+
+
+TARGET_ALLOWED = "None (the argmax), an int class index, or a (B,) or (B, K) integer tensor, array or list"
+
+
+def as_target(target):
+    """A target as the LRP call takes it: None or an int as they are, anything else (lists,
+    numpy arrays, numpy integers) as a tensor. Strings, floats and values beyond int64 are a
+    clear error naming `target` instead of whatever torch.as_tensor would say."""
+    if target is None or isinstance(target, torch.Tensor):
+        return target
+    if isinstance(target, (str, bytes)):
+        raise TypeError(f"LRP: target must be {TARGET_ALLOWED}, got the string {target!r}")
+    if isinstance(target, bool):
+        raise TypeError(f"LRP: target must be {TARGET_ALLOWED}, got the bool {target!r}")
+    if isinstance(target, int):
+        return target
+    try:
+        return torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        if "verflow" in str(exc):
+            raise RelevanceError(f"LRP: target holds a class index beyond int64 ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0]}); expected {TARGET_ALLOWED}") from None
+        raise TypeError(f"LRP: target must be {TARGET_ALLOWED}, got {type(target).__name__} "
+                        f"({str(exc).splitlines()[0]})") from None
+
+
+class _ThisThread(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record):
+        return record.thread != self.thread
+
+
+# torch logs the exception of a meta kernel at ERROR level (a traceback of ~20 lines) before it
+# re-raises it; the shape profile (LRP._profile) catches it and the call reports a clean error.
+FAKE_TENSOR_LOGGERS = ("torch._subclasses.fake_tensor", "torch._subclasses.fake_impls")
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_errors():
+    """Drop the fake-tensor error log records of this thread while the block runs (other
+    threads still log)."""
+    flt = _ThisThread()
+    loggers = [logging.getLogger(n) for n in FAKE_TENSOR_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)

@@ -1,0 +1,284 @@
+"""The gradient oracle: what ε-LRP with ε = 0 must give, computed another way.
+
+With ε = 0 and the ε rule on every layer, LRP equals gradient × input of the same model in which
+
+- every elementwise nonlinearity f (ReLU, GELU, tanh, sigmoid, ...) is x · (f(x)/x).detach()
+  (LRP's pass rule: the ratio is a constant, so relevance passes through unchanged),
+- every normaliser (LayerNorm, GroupNorm, RMSNorm) has its σ detached,
+- every product of two computed tensors (a * b, a @ b, einsum) hands each factor half of the
+  gradient, ½(a·b) + ½(a·b).detach() (AttnLRP's uniform rule; Achtibat et al. 2024),
+- the softmax of attention is detached ("cp": CP-LRP, Ali et al. 2022) or differentiated
+  ("attnlrp": AttnLRP's softmax rule),
+
+and everything linear (Linear, Conv, BatchNorm in eval, pooling, sums, reshapes, indexing, a max
+pooling's winner-take-all) is left to autograd. `gradient_oracle` computes exactly that with plain
+autograd on the unmodified model: a TorchFunctionMode swaps the nonlinear calls as the model makes
+them, so nothing here shares code with the relevance pass (lrpfast/graph.py, lrpfast/nodes.py).
+The model's hooks run as in a normal call; its parameters are read detached.
+
+    R = lrpfast.oracle.gradient_oracle(model, x, target)     # (B, ...) like x
+    lrpfast.LRP(model, eps=0.0)(x, target)                   # must equal R (float64: ~1e-12)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["gradient_oracle", "detach_rules"]
+
+# Elementwise nonlinearities by name (the functional, the torch.* function, the Tensor method and
+# their in-place variants share it).
+_ACTIVATIONS = {
+    "relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "mish", "hardswish", "tanh", "softsign", "prelu",
+    "celu", "selu", "sigmoid", "softplus", "hardsigmoid", "hardtanh", "rrelu", "logsigmoid", "tanhshrink",
+}
+_PRODUCTS = {"mul", "__mul__", "__rmul__", "__imul__", "multiply"}
+_MATMULS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum"}
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", "") or ""
+
+
+def _base(name: str) -> str:
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _computed(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _ratio_form(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x · (y/x).detach(): y's value, with the gradient of a constant diagonal map."""
+    ratio = torch.where(x == 0, torch.zeros_like(y), y / torch.where(x == 0, torch.ones_like(x), x))
+    return x * ratio.detach()
+
+
+def _half_split(y: torch.Tensor) -> torch.Tensor:
+    """y's value; each computed factor of the product y receives half of its gradient."""
+    return 0.5 * y + 0.5 * y.detach()
+
+
+class _DetachRules(TorchFunctionMode):
+    def __init__(self, attention: str):
+        super().__init__()
+        self.attention = attention
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = _name(func)
+        base = _base(name)
+        inplace = (name.endswith("_") and not name.endswith("__")) or name == "__imul__" \
+            or bool(kwargs.get("inplace", False))
+        if base in _ACTIVATIONS and args and _computed(args[0]):
+            x = args[0]
+            if "inplace" in kwargs:
+                kwargs["inplace"] = False
+            fn = getattr(torch, base, None) if base != name else func
+            if fn is None or base in ("relu6", "leaky_relu", "elu", "gelu", "silu", "mish", "hardswish",
+                                      "softsign", "celu", "selu", "softplus", "hardsigmoid", "hardtanh",
+                                      "rrelu", "logsigmoid", "tanhshrink", "prelu"):
+                fn = getattr(F, base)
+            xc = x.clone() if inplace else x
+            y = _ratio_form(xc, fn(xc, *args[1:], **kwargs))
+            return x.copy_(y) if inplace else y
+        if base in _PRODUCTS and len(args) >= 2 and _computed(args[0]) and _computed(args[1]):
+            a, b = (args[0].clone() if inplace else args[0]), args[1]
+            y = _half_split(torch.mul(a, b))
+            return args[0].copy_(y) if inplace else y
+        if name in _MATMULS:
+            tensors = list(args[1:]) if name == "einsum" else list(args[:2])
+            if name == "einsum" and len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
+                tensors = list(tensors[0])
+            out = func(*args, **kwargs)
+            if sum(_computed(t) for t in tensors) >= 2:
+                return _half_split(out)
+            return out
+        if name in ("softmax", "_softmax") and args and _computed(args[0]):
+            out = func(*args, **kwargs)
+            return out.detach() if self.attention == "cp" else out
+        if func is F.batch_norm:
+            return _batch_norm(*args, **kwargs)
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        if func is F.group_norm:
+            return _group_norm(*args, **kwargs)
+        if func is getattr(F, "rms_norm", None):
+            return _rms_norm(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            return self._mha(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    # ------------------------------------------------------------------------- attention
+
+    def _attend(self, q, k, v, mask, scale):
+        """softmax(q kᵀ · scale + mask) v with the rules: products split, softmax per rule."""
+        scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+        if _computed(q) and _computed(k):
+            scores = _half_split(scores)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        a = torch.softmax(scores, dim=-1)
+        if self.attention == "cp":
+            a = a.detach()
+        out = torch.matmul(a, v)
+        if _computed(a) and _computed(v):
+            out = _half_split(out)
+        return out, a
+
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False):
+        if dropout_p:
+            raise ValueError("gradient_oracle: scaled_dot_product_attention with dropout_p > 0")
+        lq, lk = query.shape[-2], key.shape[-2]
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        mask = attn_mask
+        if is_causal:
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
+        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        return self._attend(query, key, value, mask, scale)[0]
+
+    def _mha(self, query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+             add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True, key_padding_mask=None,
+             need_weights=True, attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None,
+             k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
+             is_causal=False):
+        if bias_k is not None or add_zero_attn or static_k is not None or (training and dropout_p):
+            raise ValueError("gradient_oracle: nn.MultiheadAttention with bias_k/add_zero_attn/static keys or "
+                             "dropout in training")
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        lq, b, e = query.shape
+        lk = key.shape[0]
+        h = num_heads
+        if use_separate_proj_weight:
+            ws = (q_proj_weight, k_proj_weight, v_proj_weight)
+        else:
+            ws = in_proj_weight.chunk(3)
+        bs = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+        q, k, v = (F.linear(t, w, bb) for t, w, bb in zip((query, key, value), ws, bs))
+
+        def heads(t, n):   # (L, B, E) -> (B, H, L, E/H)
+            return t.reshape(n, b, h, e // h).permute(1, 2, 0, 3)
+
+        q, k, v = heads(q, lq), heads(k, lk), heads(v, lk)
+        mask = None   # additive float (B or 1, H or 1, Lq, Lk)
+        if attn_mask is not None:
+            m = attn_mask
+            if m.dtype == torch.bool:
+                m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float("-inf"))
+            m = m.to(q.dtype)
+            mask = m.reshape(b, h, lq, lk) if m.dim() == 3 else m
+        if key_padding_mask is not None:
+            kp = key_padding_mask
+            if kp.dtype == torch.bool:
+                kp = torch.zeros(kp.shape, dtype=q.dtype, device=q.device).masked_fill(kp, float("-inf"))
+            kp = kp.to(q.dtype).reshape(b, 1, 1, lk)
+            mask = kp if mask is None else mask + kp
+        out, a = self._attend(q, k, v, mask, 1.0 / math.sqrt(e // h))
+        out = out.permute(2, 0, 1, 3).reshape(lq, b, e)
+        out = F.linear(out, out_proj_weight, out_proj_bias)
+        weights = None
+        if need_weights:
+            weights = a.detach().mean(1) if average_attn_weights else a.detach()
+            if not batched:
+                weights = weights.squeeze(0)
+        if not batched:
+            out = out.squeeze(1)
+        return out, weights
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                eps=1e-5):
+    """Eval BatchNorm as the per-channel affine map it is, in elementwise ops. (torch's CPU
+    batch_norm backward is wrong for a batch of one with a non-contiguous gradient, e.g. from
+    x.flatten(2).transpose(1, 2).mean(1): 0.3 off in float64 on torch 2.14; the oracle must not
+    inherit that.)"""
+    if training or running_mean is None:
+        raise ValueError("gradient_oracle: BatchNorm in training mode (batch statistics); call model.eval()")
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    y = (input - running_mean.reshape(shape)) * scale.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    mean = input.mean(dims, keepdim=True)
+    var = input.var(dims, unbiased=False, keepdim=True)
+    y = (input - mean) / torch.sqrt(var + eps).detach()
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    b, c = input.shape[:2]
+    g = input.reshape(b, num_groups, -1)
+    mean = g.mean(-1, keepdim=True)
+    sigma = torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + eps).detach()
+    y = ((g - mean) / sigma).reshape(input.shape)
+    shape = (1, c) + (1,) * (input.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def _rms_norm(input, normalized_shape, weight=None, eps=None):
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    rms = torch.sqrt(input.pow(2).mean(dims, keepdim=True) + eps).detach()
+    y = input / rms
+    return y if weight is None else y * weight
+
+
+def detach_rules(attention: str = "cp") -> TorchFunctionMode:
+    """The mode that swaps the nonlinear calls (module docstring); `with detach_rules(): model(x)`."""
+    if attention not in ("cp", "attnlrp"):
+        raise ValueError(f"gradient_oracle: attention must be 'cp' or 'attnlrp', got {attention!r}")
+    return _DetachRules(attention)
+
+
+def gradient_oracle(model: nn.Module, x: torch.Tensor, target=None, attention: str = "cp",
+                    init: str = "logit") -> torch.Tensor:
+    """Gradient × input of `model` under the detach rules: ε-LRP with ε = 0 must equal it.
+    target: None (the argmax), an int, or (B,) class indices. init "logit" weighs each map by its
+    logit (LRP's default); "onehot" starts from 1."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    params.update(dict(model.named_buffers()))
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), detach_rules(attention):
+        out = torch.func.functional_call(model, params, (xg,))
+    if target is None:
+        t = out.detach().argmax(1)
+    elif isinstance(target, int):
+        t = torch.full((out.shape[0],), target, dtype=torch.long, device=out.device)
+    else:
+        t = torch.as_tensor(target, device=out.device).long().reshape(-1)
+    picked = out.gather(1, t[:, None]).squeeze(1)
+    (g,) = torch.autograd.grad(picked.sum(), xg, allow_unused=True)
+    if g is None:
+        g = torch.zeros_like(xg)
+    r = (xg * g).detach()
+    if init == "onehot":
+        scale = picked.detach()
+        r = r / torch.where(scale == 0, torch.ones_like(scale), scale).reshape(-1, *([1] * (r.dim() - 1)))
+    return r

@@ -1,0 +1,222 @@
+"""Every traced graph against the gradient oracle (lrpfast/oracle.py), in float64 with ε = 0.
+
+The oracle is gradient × input of the unmodified model under the detach rules (activations
+x·(f(x)/x).detach(), σ of norms detached, products of two computed tensors split ½/½, attention's
+softmax detached for CP-LRP or differentiated for AttnLRP), computed by plain autograd: it shares
+no code with the relevance pass. Three populations:
+
+- random architectures from a seeded generator (tests/random_nets.py): a fast subset of 150 in
+  the default run, 600 more behind `-m oracle_full`;
+- every torchvision classification model that traces (random weights, BatchNorm statistics
+  randomised), behind `-m oracle_full` except a small set;
+- defect 1 of issue 14 (a shape op feeding an activation) written out as regressions.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lrpfast
+from lrpfast.oracle import gradient_oracle
+from lrpfast.ops import RelevanceError
+
+from .random_nets import random_net
+
+F64 = torch.float64
+TOL = 1e-9
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same'"),
+              pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")]
+
+
+def rel_l2(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def check_against_oracle(model, x, target=None, attention="cp"):
+    """LRP(ε=0) == model(x) in its logits and == the oracle in its map; returns the error."""
+    with torch.no_grad():
+        logits = model(x)
+    t = logits.argmax(1) if target is None else target
+    e = lrpfast.LRP(model, eps=0.0, attention=attention).explain(x, t)
+    assert (e.logits - logits).abs().max().item() <= 1e-10 * max(1.0, logits.abs().max().item())
+    want = gradient_oracle(model, x, t, attention=attention)
+    err = rel_l2(e.relevance, want)
+    assert err < TOL, f"relative L2 {err:.2e} against the oracle"
+    return err
+
+
+# ----------------------------------------------------------------------------- defect 1
+
+
+SHAPE_OPS = {
+    "flatten": lambda x: x.flatten(1),
+    "nn.Flatten": nn.Flatten(),
+    "view": lambda x: x.view(x.shape[0], -1),
+    "unsqueeze": lambda x: x.unsqueeze(1).flatten(1),
+    "transpose": lambda x: x.transpose(1, 2).flatten(1),
+    "permute": lambda x: x.permute(0, 2, 1).flatten(1),
+    "cat": lambda x: torch.cat([x, x[:, :1]], 1).flatten(1),
+    "chunk": lambda x: x.chunk(2, 1)[1].flatten(1),
+    "slice": lambda x: x[:, 1:].flatten(1),
+}
+ACTS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu, "leaky_relu": lambda x: F.leaky_relu(x, 0.2)}
+
+
+class ShapeThenAct(nn.Module):
+    def __init__(self, shape_op, act, features):
+        super().__init__()
+        self.shape_op, self.act = shape_op, act
+        self.fc = nn.Linear(features, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.act(self.shape_op(x)))
+
+
+def test_issue_reproducer_conserves_and_equals_oracle():
+    """nn.Sequential(Flatten, ReLU, Linear(4, 3, bias=False)), x (2, 2, 2): Σ R == the logit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(4, 3, bias=False)).to(F64).eval()
+    x = torch.randn(2, 2, 2, dtype=F64)
+    r = lrpfast.LRP(model, eps=0.0)(x, 0)
+    torch.testing.assert_close(r.flatten(1).sum(1), model(x)[:, 0].detach(), rtol=1e-12, atol=1e-12)
+    check_against_oracle(model, x, torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("shape", list(SHAPE_OPS))
+def test_shape_op_feeding_an_activation(shape, act):
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 5, dtype=F64)
+    with torch.no_grad():
+        features = SHAPE_OPS[shape](x).shape[1]
+    model = ShapeThenAct(SHAPE_OPS[shape], ACTS[act], features).to(F64).eval()
+    t = torch.tensor([0, 1, 2])
+    r = lrpfast.LRP(model, eps=0.0)(x, t)
+    # no bias, a zero-preserving activation: every bit of the logit arrives at the input
+    torch.testing.assert_close(r.flatten(1).sum(1), model(x).gather(1, t[:, None])[:, 0].detach(),
+                               rtol=1e-10, atol=1e-12)
+    check_against_oracle(model, x, t)
+
+
+def test_extension_and_fallback_agree_with_oracle_on_shape_ops():
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 5, dtype=F64)
+    model = ShapeThenAct(SHAPE_OPS["permute"], F.relu, 20).to(F64).eval()
+    want = gradient_oracle(model, x, 1)
+    for impl in ("extension", "fallback"):
+        if impl == "extension" and not lrpfast.HAS_EXT:
+            continue
+        with lrpfast.use_implementation(impl):
+            assert rel_l2(lrpfast.LRP(model, eps=0.0)(x, 1), want) < 1e-12
+
+
+# ----------------------------------------------------------------------------- random architectures
+
+FAST = range(150)
+FULL = range(150, 750)
+
+
+def _random_case(seed):
+    model, x, desc = random_net(seed)
+    attention = "attnlrp" if seed % 2 else "cp"
+    try:
+        check_against_oracle(model, x, attention=attention)
+    except RelevanceError as exc:   # a refusal is allowed only with a clear message, never here
+        pytest.fail(f"{desc}: refused: {exc}")
+    except AssertionError as exc:
+        raise AssertionError(f"{desc} (attention={attention}): {exc}") from None
+
+
+@pytest.mark.parametrize("seed", FAST)
+def test_random_architecture_equals_oracle(seed):
+    _random_case(seed)
+
+
+@pytest.mark.oracle_full
+@pytest.mark.parametrize("seed", FULL)
+def test_random_architecture_equals_oracle_full(seed):
+    _random_case(seed)
+
+
+def test_generator_covers_the_node_kinds():
+    """The fast subset draws every node kind the issue lists (so the suite above means something)."""
+    kinds = set()
+    for seed in FAST:
+        kinds.update(k.split("(")[0] for k in random_net(seed)[2].split(": ", 2)[2].split(", "))
+        kinds.add(random_net(seed)[2].split(": ")[1])
+    need = {"image1d", "image2d", "image3d", "tokens", "conv1d", "conv2d", "conv3d", "linear", "bn",
+            "pool:max_overlap2d", "pool:avg2d", "pool:adaptive_max2d", "add:residual", "cat", "split:dim1",
+            "chunk:dim1", "shape:permute", "shape:flatten_view", "index:channels", "layernorm", "mul:gate",
+            "mul:const", "mul:gated_mlp", "attn:mha", "attn:sdpa", "act:relu", "act:gelu", "act:sigmoid",
+            "cat:class_token", "shape:to_tokens"}
+    assert need <= kinds, sorted(need - kinds)
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+def _randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+            if isinstance(m, nn.Linear) and m.weight.abs().max() == 0:   # ViT's zero head
+                m.weight.normal_(0, 0.05, generator=g)
+
+
+def _torchvision_case(name):
+    tv = pytest.importorskip("torchvision")
+    kwargs = {"num_classes": 7}
+    if name.startswith(("vit", "swin", "maxvit")):
+        kwargs["image_size"] = 32 if name.startswith("vit") else 64
+    if name in ("inception_v3", "googlenet"):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = False
+    torch.manual_seed(0)
+    try:
+        model = tv.models.get_model(name, weights=None, **kwargs)
+    except TypeError:
+        kwargs.pop("image_size", None)
+        model = tv.models.get_model(name, weights=None, **kwargs)
+    model = model.to(F64).eval()
+    _randomize_bn(model)
+    size = {"inception_v3": 75}.get(name, 32 if name.startswith("vit") else 64)
+    x = torch.randn(2, 3, size, size, dtype=F64)
+    try:
+        lrpfast.LRP(model)
+    except RelevanceError as exc:
+        pytest.skip(f"{name} does not trace: {str(exc)[:200]}")
+    check_against_oracle(model, x)
+
+
+TORCHVISION_FAST = ["resnet18", "mobilenet_v3_small", "convnext_tiny", "vit_b_16"]
+
+
+def _torchvision_names():
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return [n for n in torchvision.models.list_models(module=torchvision.models) if n not in TORCHVISION_FAST]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_FAST)
+def test_torchvision_equals_oracle(name):
+    _torchvision_case(name)
+
+
+@pytest.mark.oracle_full
+@pytest.mark.parametrize("name", _torchvision_names())
+def test_torchvision_equals_oracle_full(name):
+    _torchvision_case(name)
