@@ -94,3 +94,35 @@ def quiet_fake_tensor_errors():
     finally:
         for lg in loggers:
             lg.removeFilter(flt)
+
+
+# ----------------------------------------------------------------------------- the explained function
+
+def _forward_reads_training(m: torch.nn.Module) -> bool:
+    """The module's own forward reads self.training (Dropout, BatchNorm, attention's dropout, a
+    user's `if self.training:`): its output depends on the mode."""
+    code = getattr(getattr(type(m), "forward", None), "__code__", None)
+    return code is not None and "training" in code.co_names
+
+
+def check_explained_function(model: torch.nn.Module, where: str = "LRP") -> None:
+    """What LRP explains is the model's forward as traced in eval mode, without hooks. A forward
+    hook or pre-hook that could change an output, or a module left in training mode whose forward
+    depends on the mode, would make the map explain another function than `model(x)`: refused,
+    naming the module (issue 14, defect 3). Cheap: one look at each module's flags."""
+    from torch.nn.modules import module as _module
+
+    if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
+        raise RelevanceError(f"{where}: a global forward hook is registered (torch.nn.modules.module."
+                             "register_module_forward_hook); LRP explains the model's own forward and cannot "
+                             "follow what the hook changes: remove it first")
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            kind = "forward hook" if m._forward_hooks else "forward pre-hook"
+            raise RelevanceError(f"{where}: module {name or '(the model)'!r} ({type(m).__name__}) has a {kind}; LRP "
+                                 "explains the model's own forward and cannot follow what a hook changes: remove "
+                                 "it (handle.remove()) or make it part of a module's forward")
+        if m.training and _forward_reads_training(m):
+            raise RelevanceError(f"{where}: module {name or '(the model)'!r} ({type(m).__name__}) is in training mode, "
+                                 "where its output depends on the mode (dropout, batch statistics); LRP explains a "
+                                 "deterministic function: call model.eval() first")

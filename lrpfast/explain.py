@@ -298,6 +298,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", action="store_true", help="stream relevance to OUT in shards with an index (no PNGs)")
     g.add_argument("--shard-size", type=_int_at_least(1), default=1024, help="samples per shard (default 1024)")
     g.add_argument("--no-resume", action="store_true", help="start over instead of skipping finished shards")
+    g.add_argument("--no-verify-data", action="store_true",
+                   help="on resume, do not re-read finished shards' inputs to check that the data is unchanged")
     g.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="dtype of the stored relevance (default: as computed)")
 
@@ -370,7 +372,7 @@ def _run(args) -> int:
                                   shard_size=args.shard_size, eps=args.eps, composite=args.composite,
                                   lrp_kwargs=lrp_kwargs, device=None if args.device is None else device,
                                   storage_dtype=getattr(torch, args.storage_dtype) if args.storage_dtype else None,
-                                  transform=normalize, resume=not args.no_resume, num_workers=args.workers,
+                                  transform=normalize, resume=not args.no_resume, verify_data=not args.no_verify_data, num_workers=args.workers,
                                   progress=not args.no_progress)
         if summary["rank"] == 0:
             print(f"{summary['n_samples']} samples in {summary['n_shards']} shards under {args.out} "

@@ -78,7 +78,7 @@ _ADAPTIVE_AVG_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F
 _LAYER_NORM_FUNCTIONS = (F.layer_norm, torch.layer_norm)
 _SDPA_FUNCTIONS = (F.scaled_dot_product_attention,)
 
-SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d-3d, "
+SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d (also F.linear/F.conv*d with constant weights, F.batch_norm in eval), MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d-3d, "
              "elementwise activations (ReLU, ReLU6, LeakyReLU, GELU, SiLU, Tanh, Sigmoid, ...), Dropout, Identity, "
              "Flatten/Unflatten, residual add, elementwise products (a * b: a constant factor, or two computed "
              "factors by the uniform rule), torchvision's stochastic depth (eval), torch.cat, torch.chunk/split (pieces "
@@ -103,11 +103,15 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if _slow_path(m) is not None:
             return False  # traced through, by call_module below
-        if isinstance(m, nn.LayerNorm) and type(m).forward is not nn.LayerNorm.forward:
-            # a LayerNorm over other dims, written as permutes around F.layer_norm (ConvNeXt's
-            # LayerNorm2d over channels): its own forward says which dims, so it is traced through
-            return False
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        if isinstance(m, rel_layers._RelLayer):
+            return True
+        if isinstance(m, _LEAVES):
+            # A layer is one node only when it computes what its class's rule assumes: a subclass
+            # with a forward of its own (timm's BatchNormAct2d adds an activation, ScaledStdConv2d
+            # standardises its weight, ConvNeXt's LayerNorm2d normalises over channels) is traced
+            # through, so its own computation is what gets explained, or refused op by op.
+            return any(isinstance(m, base) and type(m).forward is base.forward for base in _LEAVES)
+        return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         slow = _slow_path(m)
@@ -490,6 +494,107 @@ def _sdpa_step(plan, node, index, add, eps, stabilizer):
     return step
 
 
+_CONTRACTION_FUNCTIONS = {F.linear: 0, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def where(node: fx.Node) -> str:
+    """' in module 'path' (Class)' for a node traced inside a module's forward, else ''."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    return f" in module {path!r} ({getattr(cls, '__name__', cls)})"
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def _const_arg(plan, node, index, what, a, required=True):
+    """A step index (a parameter/buffer or a tensor computed from them only), None, or a tensor."""
+    if a is None and not required:
+        return None
+    if isinstance(a, fx.Node) and isinstance(plan.steps[index[a]], N.ConstStep):
+        return index[a]
+    if isinstance(a, torch.Tensor):
+        return a
+    raise RelevanceError(f"LRP: node {node.name!r} ({_target_name(node)}){where(node)}: {what} is computed from "
+                         "the input; only constant (parameter/buffer) values are supported there")
+
+
+def _functional_contraction_step(plan, node, index, add, dims):
+    """F.linear / F.conv1d/2d/3d with a constant weight: a Linear/Conv layer under the composite's
+    rule, its weight read from the graph at every call (ContractionStep.load_wb)."""
+    if dims == 0:
+        b = _bind(node, ["input", "weight", "bias"], {"bias": None})
+        geometry = nn.Linear(1, 1, bias=False, device="meta")
+    else:
+        b = _bind(node, ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
+                  {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        vals = {k: _constant(node, k, b[k]) for k in ("stride", "padding", "dilation", "groups")}
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        try:
+            geometry = conv(vals["groups"], vals["groups"], 1, stride=vals["stride"], padding=vals["padding"],
+                            dilation=vals["dilation"], groups=vals["groups"], bias=False, device="meta")
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise RelevanceError(f"LRP: node {node.name!r} ({_target_name(node)}){where(node)}: {exc}") from exc
+    if not isinstance(b["input"], fx.Node):
+        raise RelevanceError(f"LRP: node {node.name!r} ({_target_name(node)}){where(node)} needs a tensor input")
+    w = _const_arg(plan, node, index, "the weight", b["weight"])
+    bias = _const_arg(plan, node, index, "the bias", b["bias"], required=False)
+    step = N.ContractionStep(node.name, geometry, "linear" if dims == 0 else "conv", None)
+    step.op = _target_name(node)
+    step.module_path = _module_path(node)
+    value = lambda env, v: env[v] if isinstance(v, int) else v  # noqa: E731
+    step.load_wb = lambda env: (value(env, w), None if bias is None else value(env, bias))
+    return add(step, node, b["input"])
+
+
+class _BatchNormArgs:
+    """The running statistics and affine parameters of an F.batch_norm call, where lrpfast's
+    BatchNorm code (canonize.py, nodes.BatchNormStep) reads a module's."""
+
+    def __init__(self, running_mean, running_var, weight, bias, eps):
+        self.running_mean, self.running_var, self.weight, self.bias, self.eps = \
+            running_mean, running_var, weight, bias, eps
+
+
+def _functional_batch_norm_step(plan, node, index, add, eps, stabilizer):
+    """F.batch_norm in eval mode (constant running statistics): the per-channel affine map of a
+    BatchNorm module, folded into the Linear/Conv before it when it can be (timm's BatchNormAct2d)."""
+    b = _bind(node, ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
+              {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
+    culprit = f"node {node.name!r} (F.batch_norm){where(node)}"
+    if _constant(node, "training", b["training"]) or b["running_mean"] is None or b["running_var"] is None:
+        raise RelevanceError(f"LRP: {culprit} normalises with batch statistics (training mode or no running "
+                             "statistics); LRP explains a fixed function: call model.eval()")
+    vals = {}
+    for k in ("running_mean", "running_var", "weight", "bias"):
+        a = b[k]
+        if a is None:
+            vals[k] = None
+        elif isinstance(a, fx.Node) and type(plan.steps[index[a]]) is N.ConstStep:
+            vals[k] = plan.steps[index[a]].value
+        elif isinstance(a, torch.Tensor):
+            vals[k] = a
+        else:
+            raise RelevanceError(f"LRP: {culprit}: {k} must be a parameter or buffer of the model")
+    bn = _BatchNormArgs(vals["running_mean"], vals["running_var"], vals["weight"], vals["bias"],
+                        float(_constant(node, "eps", b["eps"])))
+    src = b["input"]
+    producer = plan.steps[index[src]]
+    if isinstance(producer, N.ContractionStep) and producer.bn is None and producer.load_wb is None \
+            and len(src.users) == 1:
+        producer.bn, producer.bn_name = bn, node.name
+        producer.op += " + F.batch_norm (folded)"
+        index[node] = producer.index
+        return producer
+    step = N.BatchNormStep(node.name, bn, eps, stabilizer)
+    step.op = "F.batch_norm"
+    return add(step, node, src)
+
+
 def _max_pool_step(name, dims, m, kind):
     if kind == "max":
         step = N.MaxPoolStep(name, dims, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
@@ -591,6 +696,12 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         step = N.CatStep(name, dim, lambda env, idx=idx: [env[i] for i in idx])
         return add(step, node, None, idx)
 
+    # ---- layers written as functional calls (inside a layer subclass's own forward)
+    if not is_method and t in _CONTRACTION_FUNCTIONS:
+        return _functional_contraction_step(plan, node, index, add, _CONTRACTION_FUNCTIONS[t])
+    if not is_method and t is F.batch_norm:
+        return _functional_batch_norm_step(plan, node, index, add, eps, stabilizer)
+
     # ---- pooling
     if not is_method and t in _MAXPOOL_FUNCTIONS:
         b = _bind(node, ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
@@ -684,7 +795,8 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
                                  "basic indexing (ints, slices, None, ...) keeping the batch dim is supported")
         return add(N.IndexStep(name, ref((item,)), _load), node, node.args[0])
 
-    raise RelevanceError(f"LRP: node {name!r} calls {what}, which has no relevance rule. Supported: {SUPPORTED}")
+    raise RelevanceError(f"LRP: node {name!r}{where(node)} calls {what}, which has no relevance rule. "
+                         f"Supported: {SUPPORTED}")
 
 
 # ============================================================================= analyses

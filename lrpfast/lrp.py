@@ -177,6 +177,7 @@ class LRP:
         self.batch_size = batch_size
         self.memory_budget = _parse_budget(memory_budget)
         rule_for, self.composite_name = _rule_resolver(composite, self.eps, stabilizer, composite_params)
+        checks.check_explained_function(model)
         with torch.no_grad():
             self.plan = graph.build_plan(model, rule_for, self.eps, stabilizer, attention)
         self.attention = attention
@@ -299,6 +300,8 @@ class LRP:
         return self._schedule(x, k)[0]
 
     def _explain(self, x, target, record: bool, keep_layers: bool) -> Explanation:
+        if not torch.compiler.is_compiling():
+            checks.check_explained_function(self.model)   # hooks added, train() called since
         self._check_input(x)
         b = x.shape[0]
         t_all = target

@@ -262,10 +262,23 @@ class ContractionStep(Step):
         else:
             self.stride, self.padding, self.dilation, self.groups = (), 0, (), 1
 
-    def params(self):
+    # A functional call (F.linear / F.conv2d inside a module's own forward: timm's ScaledStdConv2d
+    # standardises its weight first) reads its weight and bias from the graph: `load_wb(env)`
+    # gives them (constants: parameters or tensors computed from them only), and `module` is a
+    # bare nn.Linear/nn.ConvNd that carries the call's geometry for the rules and composites.
+    load_wb = None
+    _fwb = (None, None)
+
+    def params(self, env=None):
         """The weight and bias the forward runs with: the module's own (detached), or with the
-        BatchNorm folded in, recomputed when the user changes a parameter or statistic."""
+        BatchNorm folded in, recomputed when the user changes a parameter or statistic; for a
+        functional call, those of this call (env given) or of the last one."""
         m = self.module
+        if self.load_wb is not None:
+            if env is not None:
+                w, b = self.load_wb(env)
+                self._fwb = (w.detach(), None if b is None else b.detach())
+            return self._fwb
         if self.bn is None:
             return m.weight.detach(), None if m.bias is None else m.bias.detach()
         if torch.compiler.is_compiling():
@@ -287,7 +300,7 @@ class ContractionStep(Step):
 
     def forward(self, env, call):
         x = env[self.src]
-        w, b = self.params()
+        w, b = self.params(env)
         if self.kind == "linear":
             z = F.linear(x, w, b)
             if self.bn is not None and z.dim() != 2:

@@ -102,7 +102,7 @@ class _DetachRules(TorchFunctionMode):
         if name in ("softmax", "_softmax") and args and _computed(args[0]):
             out = func(*args, **kwargs)
             return out.detach() if self.attention == "cp" else out
-        if func is F.batch_norm:
+        if func is F.batch_norm and args and _computed(args[0]):   # (not a weight standardised by it)
             return _batch_norm(*args, **kwargs)
         if func is F.layer_norm:
             return _layer_norm(*args, **kwargs)
