@@ -99,17 +99,41 @@ def quiet_fake_tensor_errors():
 # ----------------------------------------------------------------------------- the explained function
 
 def _forward_reads_training(m: torch.nn.Module) -> bool:
-    """The module's own forward reads self.training (Dropout, BatchNorm, attention's dropout, a
-    user's `if self.training:`): its output depends on the mode."""
+    """The module's own forward reads self.training (a user's `if self.training:`, torch's
+    fast-path checks): traced through, its branch is fixed when LRP traces it."""
     code = getattr(getattr(type(m), "forward", None), "__code__", None)
     return code is not None and "training" in code.co_names
 
 
-def check_explained_function(model: torch.nn.Module, where: str = "LRP") -> None:
-    """What LRP explains is the model's forward as traced in eval mode, without hooks. A forward
-    hook or pre-hook that could change an output, or a module left in training mode whose forward
-    depends on the mode, would make the map explain another function than `model(x)`: refused,
-    naming the module (issue 14, defect 3). Cheap: one look at each module's flags."""
+def _random_or_batch_dependent(m: torch.nn.Module) -> bool:
+    """In training mode this module's output is random or depends on the batch."""
+    nn = torch.nn
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True   # batch statistics
+    if isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)):
+        return m.p > 0
+    if isinstance(m, nn.MultiheadAttention):
+        return m.dropout > 0
+    # torchvision's StochasticDepth (p), timm's DropPath/DropBlock (drop_prob), other dropouts
+    for attr in ("drop_prob", "p", "dropout_p"):
+        v = getattr(m, attr, None)
+        if isinstance(v, float) and v > 0 and "drop" in type(m).__name__.lower() + attr:
+            return True
+    return False
+
+
+def training_modes(model: torch.nn.Module) -> dict:
+    """The training flag of every module whose forward reads it (LRP records it at the trace)."""
+    return {name: m.training for name, m in model.named_modules() if _forward_reads_training(m)}
+
+
+def check_explained_function(model: torch.nn.Module, traced_modes: Optional[dict] = None, where: str = "LRP") -> None:
+    """What LRP explains is the model's forward as traced, deterministic, without hooks. A forward
+    hook or pre-hook that could change an output, a module in training mode whose output is random
+    or depends on the batch (dropout, BatchNorm's batch statistics), or a module whose forward
+    reads self.training switched to the other mode since the trace would make the map explain
+    another function than `model(x)`: refused, naming the module (issue 14, defect 3). Cheap: a
+    look at each module's flags."""
     from torch.nn.modules import module as _module
 
     if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
@@ -117,12 +141,17 @@ def check_explained_function(model: torch.nn.Module, where: str = "LRP") -> None
                              "register_module_forward_hook); LRP explains the model's own forward and cannot "
                              "follow what the hook changes: remove it first")
     for name, m in model.named_modules():
+        label = f"module {name or '(the model)'!r} ({type(m).__name__})"
         if m._forward_hooks or m._forward_pre_hooks:
             kind = "forward hook" if m._forward_hooks else "forward pre-hook"
-            raise RelevanceError(f"{where}: module {name or '(the model)'!r} ({type(m).__name__}) has a {kind}; LRP "
-                                 "explains the model's own forward and cannot follow what a hook changes: remove "
-                                 "it (handle.remove()) or make it part of a module's forward")
-        if m.training and _forward_reads_training(m):
-            raise RelevanceError(f"{where}: module {name or '(the model)'!r} ({type(m).__name__}) is in training mode, "
-                                 "where its output depends on the mode (dropout, batch statistics); LRP explains a "
-                                 "deterministic function: call model.eval() first")
+            raise RelevanceError(f"{where}: {label} has a {kind}; LRP explains the model's own forward and cannot "
+                                 "follow what a hook changes: remove it (handle.remove()) or make it part of a "
+                                 "module's forward")
+        if m.training and _random_or_batch_dependent(m):
+            raise RelevanceError(f"{where}: {label} is in training mode, where its output is random or depends on "
+                                 "the batch (dropout, batch statistics); LRP explains a deterministic function: "
+                                 "call model.eval() first")
+        if traced_modes is not None and traced_modes.get(name, m.training) != m.training:
+            raise RelevanceError(f"{where}: {label} was switched to {'training' if m.training else 'eval'} mode "
+                                 "after LRP(model) traced it, and its forward depends on the mode: build a new "
+                                 "LRP(model) for this mode")

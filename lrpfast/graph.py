@@ -675,6 +675,10 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         fn = torch.add if (is_method or t is torch.add) else operator.add  # never in place
         step = N.AddStep(name, fn, ref(node.args), ref({k: v for k, v in node.kwargs.items()}), _load, eps,
                          stabilizer)
+        # a sum of tensors >= 0 is >= 0; a number added may be negative (constant tensors are
+        # among the inputs, and are not known to be >= 0)
+        step.sign_preserving = all(isinstance(a, fx.Node) or (isinstance(a, (int, float)) and a >= 0)
+                                   for a in list(node.args) + [node.kwargs.get("other", 0)])
         return add(step, node, None, inputs)
     if (not is_method and t in N.MUL_FUNCTIONS) or (is_method and t in ("mul", "mul_")):
         factors = list(node.args) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
@@ -685,6 +689,9 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         fn = torch.mul if (is_method or t is torch.mul) else operator.mul  # never in place
         step = N.MulStep(name, fn, ref(node.args), ref({k: v for k, v in node.kwargs.items()}), _load, eps,
                          stabilizer, idx)
+        # computed factors >= 0 and positive numbers keep the sign; a parameter factor may not
+        step.sign_preserving = all(i is not None or (isinstance(a, (int, float)) and a > 0)
+                                   for a, i in zip(factors, idx))
         return add(step, node, None, [i for i in idx if i is not None])
     if not is_method and t in _CAT_FUNCTIONS:
         b = _bind(node, ["tensors", "dim"], {"dim": 0})
@@ -829,10 +836,10 @@ def _finish(plan: Plan, rule_for: Callable) -> None:
             raw_input[i] = any(raw_input[j] for j in srcs)
         if isinstance(s, N.PassStep) and not s.preserves_values:
             nonneg[i] = s.nonnegative_output
-        elif isinstance(s, (N.ContractionStep, N.BatchNormStep, N.InputStep, N.ConstStep, N.MetaStep)):
-            nonneg[i] = False
-        else:
+        elif s.sign_preserving or isinstance(s, N.PassStep):
             nonneg[i] = bool(srcs) and all(nonneg[j] for j in srcs)
+        else:   # a LayerNorm, attention, a product with a constant, anything not known to keep signs
+            nonneg[i] = False
 
     # rules, from the composite, once per layer (the context has no tensors yet)
     for s in steps:

@@ -178,6 +178,7 @@ class LRP:
         self.memory_budget = _parse_budget(memory_budget)
         rule_for, self.composite_name = _rule_resolver(composite, self.eps, stabilizer, composite_params)
         checks.check_explained_function(model)
+        self._traced_modes = checks.training_modes(model)
         with torch.no_grad():
             self.plan = graph.build_plan(model, rule_for, self.eps, stabilizer, attention)
         self.attention = attention
@@ -301,7 +302,7 @@ class LRP:
 
     def _explain(self, x, target, record: bool, keep_layers: bool) -> Explanation:
         if not torch.compiler.is_compiling():
-            checks.check_explained_function(self.model)   # hooks added, train() called since
+            checks.check_explained_function(self.model, self._traced_modes)   # hooks added, train() since
         self._check_input(x)
         b = x.shape[0]
         t_all = target

@@ -134,6 +134,11 @@ class Step:
     fresh_output = False        # the forward allocates its output (a ReLU may rectify it in place)
     has_denominator = False     # its relevance step starts with s = R / stab(z')
     batch_anywhere = False      # accepts inputs whose batch dim is not dim 0 (module docstring)
+    # Its output is >= 0 wherever all its tensor inputs are (moves, selects, averages, sums them).
+    # The plan trusts it: the z+/αβ rules skip their x- branch after such steps (graph._finish),
+    # so only steps that guarantee it say so; a LayerNorm, a product with a constant or a sum with
+    # a number do not.
+    sign_preserving = False
 
     def __init__(self, name: str):
         self.name = name
@@ -418,6 +423,8 @@ _ADAPTIVE = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_a
 class AvgPoolStep(_EpsilonStep):
     """AvgPool1d/2d/3d (module or functional): each input's share of the window mean."""
 
+    sign_preserving = True
+
     def __init__(self, name, dims, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
                  eps, stabilizer, op):
         super().__init__(name, eps, stabilizer)
@@ -450,6 +457,8 @@ class AvgPoolStep(_EpsilonStep):
 
 
 class AdaptiveAvgPoolStep(_EpsilonStep):
+    sign_preserving = True
+
     def __init__(self, name, dims, output_size, eps, stabilizer, op):
         super().__init__(name, eps, stabilizer)
         self.dims, self.output_size, self.op = dims, output_size, op
@@ -475,6 +484,8 @@ def _batch_first_dim(d: int, bd: int) -> int:
 class MeanStep(_EpsilonStep):
     """x.mean(dims) over non-batch dims (global average pooling written by hand; the mean over
     the tokens of a sequence-first transformer, x.mean(0) with x (L, B, E))."""
+
+    sign_preserving = True
 
     op = "mean"
     batch_anywhere = True
@@ -626,6 +637,8 @@ class MaxPoolStep(Step):
     on a step with a denominator (conv → ReLU → pool → ...), the division of that step is done
     here, on the pooled (smaller) tensor, and the scatter passes s down (DIVIDED)."""
 
+    sign_preserving = True
+
     fresh_output = True
     returns_indices = False
     pool = None  # adaptive max pooling: x -> (out, indices)
@@ -718,6 +731,8 @@ class ReshapeStep(Step):
     """view / reshape / flatten / unflatten / squeeze / unsqueeze / contiguous / nn.Flatten: the
     relevance takes the input's shape back (the batch dimension must be kept)."""
 
+    sign_preserving = True
+
     def __init__(self, name, fn, args, kwargs, load, op):
         super().__init__(name)
         self.fn, self.args, self.kwargs, self.load, self.op = fn, args, kwargs, load, op
@@ -750,6 +765,8 @@ class ReshapeStep(Step):
 class PermuteStep(Step):
     """permute / transpose: relevance permuted back. The batch dimension may move (a
     sequence-first block); the messages stay batch-first on both sides."""
+
+    sign_preserving = True
 
     batch_anywhere = True
 
@@ -789,6 +806,8 @@ class CatStep(Step):
     batch off dim 0 (a sequence-first transformer prepending a class token: cat(dim=0) of (1, B, E)
     and (L, B, E)), every computed input has it at the same dim; the relevance pass works on
     batch-first views."""
+
+    sign_preserving = True
 
     op = "cat"
     fresh_output = True
@@ -858,6 +877,8 @@ class PieceStep(Step):
     """Element `item` of a chunk/split of the source x along a non-batch dim: a narrow view of x,
     whose relevance goes back into its place in a map of x's shape (zeros elsewhere)."""
 
+    sign_preserving = True
+
     op = "getitem (chunk/split)"
 
     def __init__(self, name, split_index, item, dim):
@@ -890,6 +911,8 @@ class PieceStep(Step):
 class GetItemStep(Step):
     """(output, indices)[0] of a max pooling with return_indices=True."""
 
+    sign_preserving = True
+
     op = "getitem"
     batch_anywhere = True
 
@@ -914,6 +937,8 @@ class IndexStep(Step):
     entry is a full slice, so it applies to the K maps of every sample alike). A pending product
     is taken on the selection first: its factor is the tensor the message was made for, which an
     activation between this step and that layer may have changed (so it is not x[idx])."""
+
+    sign_preserving = True
 
     op = "getitem (slicing)"
     batch_anywhere = True

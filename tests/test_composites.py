@@ -197,10 +197,10 @@ def _zennit_assignment(model, zennit_composite):
 def _models():
     torchvision = pytest.importorskip("torchvision")
     return {
-        "seed_notebook": seed_mnist_cnn("notebook"),
-        "seed_conv3x2": seed_mnist_cnn("conv3x2"),
-        "vgg11": torchvision.models.vgg11(),
-        "resnet18": torchvision.models.resnet18(),
+        "seed_notebook": seed_mnist_cnn("notebook").eval(),
+        "seed_conv3x2": seed_mnist_cnn("conv3x2").eval(),
+        "vgg11": torchvision.models.vgg11().eval(),   # (its Dropout in training mode is refused)
+        "resnet18": torchvision.models.resnet18().eval(),
     }
 
 

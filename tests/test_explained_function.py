@@ -235,3 +235,75 @@ def test_timm_family_equals_model_and_oracle(name):
     e = lrpfast.LRP(model, eps=0.0).explain(x, t)
     assert rel_l2(e.logits, want) < 1e-8
     assert rel_l2(e.relevance, gradient_oracle(model, x, t)) < 1e-8
+
+
+# ----------------------------------------------------------------------------- signs known to the plan
+
+
+class AfterReLU(nn.Module):
+    """ReLU, then a step that may make the values negative, then a layer under z+."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.ln = nn.LayerNorm(6)
+        self.scale = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = {"layernorm": lambda: self.ln(h), "negative_number": lambda: -2.0 * h, "add_number": lambda: h + (-3.0),
+             "parameter_factor": lambda: self.scale * h, "positive": lambda: (2.0 * h + h).mean(1, keepdim=True) * h}[
+            self.kind]()
+        return self.c(torch.relu(self.b(h)))
+
+
+class ZPlusOnB:
+    def rule_for(self, name, module, ctx):
+        return lrpfast.rules.ZPlus() if name == "b" else None
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "negative_number", "add_number", "parameter_factor", "positive"])
+def test_zplus_shortcut_only_where_the_input_is_known_nonnegative(kind):
+    """z+ skips its x- branch when the plan says x >= 0 (after a ReLU). A LayerNorm, a negative
+    number, a number added or a parameter factor in between must clear that: otherwise the map is
+    silently wrong (issue 14). The reference is the rule's signed path, exact for any x."""
+    from lrpfast import nodes as N
+
+    torch.manual_seed(7)
+    model = AfterReLU(kind).to(F64).eval()
+    x = torch.randn(5, 6, dtype=F64)
+    lrp = lrpfast.LRP(model, composite=ZPlusOnB())
+    got = lrp(x)
+    flag = {s.name: s.x_nonnegative for s in lrp.plan.steps if isinstance(s, N.ContractionStep)}["b"]
+    assert flag == (kind == "positive")
+    for s in lrp.plan.steps:
+        if isinstance(s, N.ContractionStep):
+            s.x_nonnegative = False
+    want = lrp(x)
+    assert rel_l2(got, want) < 1e-12
+
+
+class ModeBranch(nn.Module):
+    """A forward that branches on self.training (traced through: the branch is fixed at the trace)."""
+
+    def forward(self, x):
+        return 2.0 * x if self.training else x
+
+
+def test_mode_switched_after_the_trace_is_refused():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 6), ModeBranch(), nn.ReLU(), nn.Linear(6, 3)).to(F64).eval()
+    lrp = lrpfast.LRP(model)
+    x = torch.randn(2, 4, dtype=F64)
+    assert rel_l2(lrp.explain(x).logits, model(x)) < 1e-15
+    model.train()
+    with pytest.raises(RelevanceError, match=r"module '1' \(ModeBranch\) was switched to training mode after"):
+        lrp(x)
+    assert rel_l2(lrpfast.LRP(model).explain(x).logits, model(x)) < 1e-15   # a new trace follows the mode
+
+
+def test_deterministic_dropout_in_training_mode_is_explained():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.0), nn.ReLU(), nn.Linear(6, 3)).to(F64).train()
+    assert_explains_model(model, torch.randn(3, 4, dtype=F64))

@@ -116,7 +116,7 @@ class Pair(nn.Module):
     (nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2)),
      r"node '_1' calls module '1' \(GroupNorm\), which has no relevance rule"),
     (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), r"padding_mode='reflect'"),
-    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), "no running statistics"),
+    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval(), "no running statistics"),
     (Branchy(), r"could not trace Branchy with torch.fx"),
     (TwoInputs(), r"more than one input"),
     (Pair(), r"must return one tensor of logits"),

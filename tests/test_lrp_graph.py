@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import lrpfast
 from lrpfast import layers as L
 from lrpfast.models import seed_mnist_cnn
+from lrpfast.ops import RelevanceError
 
 from .test_lrp_models import gradient_times_input, randomize_batch_norm, rel_err
 
@@ -256,7 +257,10 @@ def snapshot(model):
 
 def test_model_and_its_parameters_are_untouched():
     model = everything(torch.float32)
-    model.train()                       # the user's mode is kept (LRP explains the eval function)
+    model.train()                       # its Dropout/BatchNorm in training mode: refused, nothing touched
+    with pytest.raises(RelevanceError, match="is in training mode"):
+        lrpfast.LRP(model)
+    model.eval()
     before = snapshot(model)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     inplace = [m.inplace for m in model.modules() if isinstance(m, nn.ReLU)]
@@ -265,7 +269,7 @@ def test_model_and_its_parameters_are_untouched():
     lrp = lrpfast.LRP(model)
     r = lrp(x)
     e = lrp.explain(x, keep_layers=True)
-    assert model.training
+    assert not model.training   # the mode the user set is kept
     after = model.state_dict(keep_vars=True)
     for k, (t, values, version) in before.items():
         assert after[k] is t and torch.equal(t, values) and t._version == version, k

@@ -288,7 +288,7 @@ class PaddingFromInput(nn.Module):
 def test_padding_mask_from_the_input_is_refused():
     with pytest.raises(RelevanceError, match=r"node 'encoder_layers_0_self_attn': key_padding_mask is computed "
                                              r"from the input"):
-        lrpfast.LRP(PaddingFromInput())
+        lrpfast.LRP(PaddingFromInput().eval())
 
 
 def test_is_causal_without_a_mask_is_refused():
@@ -316,8 +316,8 @@ def test_padding_not_left_aligned_without_mask_check_is_refused():
 
 def test_training_mode_dropout_is_refused():
     model = classifier("relu_str").train()
-    with pytest.raises(RelevanceError, match=r"node 'encoder_layers_0_self_attn' \(MultiheadAttention\) has "
-                                             r"dropout=0.1 in training mode"):
+    with pytest.raises(RelevanceError, match=r"module 'encoder.layers.0.self_attn' \(MultiheadAttention\) is in "
+                                             r"training mode.*model.eval\(\)"):
         lrpfast.LRP(model)(torch.randn(2, TOKENS, 5, dtype=torch.float64))
 
 
