@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
+from . import op_rules
 from . import transformer as T
 from .torch_transformers import slow_path as _slow_path
 from .ops import RelevanceError
@@ -595,6 +596,25 @@ def _functional_batch_norm_step(plan, node, index, add, eps, stabilizer):
     return add(step, node, src)
 
 
+def _linear_op_step(plan, node, index, add, ref, rule, eps, stabilizer):
+    steps = plan.steps
+    deps = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: deps.append(index[a]))
+    computed = list(dict.fromkeys(d for d in deps if steps[d].tensor_output and not isinstance(steps[d], N.ConstStep)))
+    culprit = f"node {node.name!r} ({_target_name(node)}){where(node)}"
+    if any(isinstance(steps[d], N.SplitStep) for d in computed):
+        raise RelevanceError(f"LRP: {culprit} takes the whole tuple of a chunk/split; take its pieces one by one")
+    if rule.only_first_computed:
+        first = []
+        fx.node.map_arg(node.args[:1], lambda a: first.append(index[a]))
+        if any(d not in first for d in computed):
+            raise RelevanceError(f"LRP: {culprit} divides by a tensor computed from the input, which has no "
+                                 "relevance rule (only division by constants is linear)")
+    step = op_rules.LinearOpStep(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load,
+                                 _target_name(node), rule, eps, stabilizer)
+    return add(step, node, None, computed)
+
+
 def _max_pool_step(name, dims, m, kind):
     if kind == "max":
         step = N.MaxPoolStep(name, dims, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
@@ -801,6 +821,11 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
                                  f"({', '.join(advanced) or repr(item)}): advanced indexing has no relevance rule; "
                                  "basic indexing (ints, slices, None, ...) keeping the batch dim is supported")
         return add(N.IndexStep(name, ref((item,)), _load), node, node.args[0])
+
+    # ---- every other op linear in its computed inputs: one table entry each (lrpfast/op_rules.py)
+    rule = op_rules.lookup(node.op, t)
+    if rule is not None:
+        return _linear_op_step(plan, node, index, add, ref, rule, eps, stabilizer)
 
     raise RelevanceError(f"LRP: node {name!r}{where(node)} calls {what}, which has no relevance rule. "
                          f"Supported: {SUPPORTED}")

@@ -541,9 +541,10 @@ class AddStep(_EpsilonStep):
         operands = [env[i] for i in self.inputs]
         for i, t in zip(self.inputs, operands):
             if isinstance(t, torch.Tensor) and t.shape != z.shape and call.steps[i].tensor_output \
-                    and not isinstance(call.steps[i], ConstStep):
+                    and not isinstance(call.steps[i], ConstStep) and (t.dim() != z.dim() or t.shape[0] != z.shape[0]):
                 raise RelevanceError(f"LRP: {self.describe()} broadcasts a summand of shape {tuple(t.shape)} to "
-                                     f"{tuple(z.shape)}; only same-shape residual additions are supported")
+                                     f"{tuple(z.shape)} across samples; only broadcasting within a sample is "
+                                     "supported")
         dims = {call.bdim.get(i, 0) for i in self.inputs if not isinstance(call.steps[i], ConstStep)}
         if len(dims) > 1:
             raise RelevanceError(f"LRP: {self.describe()} adds tensors with the batch at different dims {sorted(dims)}")
@@ -557,7 +558,10 @@ class AddStep(_EpsilonStep):
     def relprop(self, msg, call):
         operands, z = call.saved[self.index]
         s = self._s(msg, call)
-        return [(i, Msg(LAZY, s, t, False)) for i, t in zip(self.inputs, operands)]
+        # a summand broadcast within the sample (x + x.sum(1, keepdim=True)) collects the share of
+        # every position it was added at: the transpose of its broadcast
+        return [(i, Msg(LAZY, s if t.shape == z.shape else s.sum_to_size((s.shape[0], *t.shape[1:])), t,
+                        t.shape != z.shape)) for i, t in zip(self.inputs, operands)]
 
 
 class MulStep(_EpsilonStep):

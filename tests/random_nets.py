@@ -29,8 +29,8 @@ ACTIVATIONS = {
     "relu6": (nn.ReLU6, F.relu6, True, True),
     "leaky_relu": (lambda: nn.LeakyReLU(0.1), lambda x: F.leaky_relu(x, 0.1), True, False),
     "elu": (nn.ELU, F.elu, True, False),
-    "gelu": (nn.GELU, F.gelu, True, False),
-    "gelu_tanh": (lambda: nn.GELU("tanh"), lambda x: F.gelu(x, approximate="tanh"), True, False),
+    "gelu": (nn.GELU, F.gelu, True, True),   # exactly 0 below about -8.5 (erf saturates)
+    "gelu_tanh": (lambda: nn.GELU("tanh"), lambda x: F.gelu(x, approximate="tanh"), True, True),
     "silu": (nn.SiLU, F.silu, True, False),
     "mish": (nn.Mish, F.mish, True, False),
     "tanh": (nn.Tanh, torch.tanh, True, False),
@@ -320,9 +320,33 @@ class Gen:
             return Lambda(lambda x: x[:, :, 1:], "x[:, :, 1:]"), st.copy(shape=(c, st.shape[1] - 1, *st.shape[2:]))
         return Lambda(lambda x: x[:, None][:, 0], "x[:, None][:, 0]"), st
 
+    LINEAR_OPS = {   # ops of lrpfast/op_rules.py that keep the shape of an image tensor
+        "neg": lambda x: -x,
+        "sub_number": lambda x: x - 0.25,
+        "rsub": lambda x: 0.5 - 2.0 * x,
+        "sub_computed": lambda x: x - 0.5 * x.flip(-1),
+        "div": lambda x: x / 3.0,
+        "sum_broadcast": lambda x: x + x.sum(1, keepdim=True),
+        "stack": lambda x: torch.stack([x, x.roll(1, -1)], -1).sum(-1),
+        "pad_crop": lambda x: F.pad(x, (1, 1), value=0.2)[..., 1:-1],
+        "roll": lambda x: torch.roll(x, 1, -1),
+        "repeat": None,   # needs the rank: made in linear_op
+        "expand": lambda x: (x.mean(1, keepdim=True) + 0.5).expand_as(x),
+        "cast": lambda x: x.to(torch.float64).type_as(x),
+    }
+
+    def linear_op(self, st: State):
+        name = self.choice(sorted(self.LINEAR_OPS))
+        self.kinds.append(f"linop:{name}")
+        fn = self.LINEAR_OPS[name]
+        if name == "repeat":
+            ones, c = [1] * (len(st.shape) - 1), st.shape[0]
+            fn = lambda x, ones=ones, c=c: x.repeat(1, 2, *ones)[:, :c]  # noqa: E731
+        return Lambda(fn, name), st.copy(zeros=st.zeros or name in ("roll", "pad_crop"))
+
     def image_block(self, st: State, budget: int):
         """One random block on an image tensor: (module, new state)."""
-        options = ["conv", "conv", "act", "act", "pool", "shape", "slice", "bn", "norm", "scale"]
+        options = ["conv", "conv", "act", "act", "pool", "shape", "slice", "bn", "norm", "scale", "linop"]
         if budget > 0 and self.depth < 2:
             options += ["residual", "concat", "chunk", "gate"]
         kind = self.choice(options)
@@ -345,6 +369,8 @@ class Gen:
             randomize_bn(bn, self.rng)
             self.kinds.append("bn(standalone)")
             return nn.Sequential(act, bn), st2.copy(zeros=False)
+        if kind == "linop":
+            return self.linear_op(st)
         if kind == "norm":
             self.kinds.append("layernorm(channels)")
             return ChannelsLastNorm(c, d, self.rng.random() < 0.5), st.copy(zeros=False)
@@ -449,12 +475,14 @@ class Gen:
             for _ in range(20):   # draw until a block fits (shape kept where asked)
                 if cur.kind == "image":
                     if keep_shape:
-                        kind = self.choice(["conv", "act", "act", "shape", "norm", "bn", "scale", "nested"])
+                        kind = self.choice(["conv", "act", "act", "shape", "norm", "bn", "scale", "nested", "linop"])
                         if kind == "conv":
                             b, s2 = self.conv(cur, keep_shape=True)
                             m, s2 = nn.Sequential(*b), s2
                         elif kind == "nested" and self.depth < 2:
                             m, s2 = self.image_block(cur, 1)
+                        elif kind == "linop":
+                            m, s2 = self.linear_op(cur)
                         elif kind in ("act", "shape"):
                             m, s2 = self.act(cur) if kind == "act" else self.shape_op(cur)
                         else:

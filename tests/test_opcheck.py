@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import lrpfast
 from lrpfast import ops
 
-from .conftest import assert_close
+from .conftest import (assert_close, divide_or_zero, epsilon_oracle, index_add_oracle, per_target,
+                       stab_reference)
 
 pytestmark = pytest.mark.skipif(not lrpfast.HAS_EXT, reason="the compiled extension is not built")
 
@@ -121,13 +122,63 @@ def test_opcheck(index, device):
     op = getattr(torch.ops.lrpfast, name).default
     results = torch.library.opcheck(op, args)  # raises on the first failed check
     assert set(results.values()) == {"SUCCESS"}, results
-    # ... and the compiled op computes what the fallback computes
+    # ... and the compiled op computes what an independent oracle computes in float64
     got = op(*args)
-    with lrpfast.use_implementation("fallback"):
-        want = getattr(lrpfast._fallback, name)(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
-                                                   else a for a in args])
+    want = oracle(name, *[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
     assert got.dtype == args[0].dtype
     assert_close(got, want, 1e-5 if got.dtype == torch.float32 else 1e-2, name)
+
+
+def _repeat_rows(t, rows):
+    return t.repeat_interleave(rows // t.shape[0], 0) if t.shape[0] else t
+
+
+def _pool_forward(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    dims = x.dim() - 2
+    if dims == 1:  # avg_pool1d has no divisor_override: a height-1 avg_pool2d
+        return F.avg_pool2d(x.unsqueeze(-2), (1, *kernel), (1, *stride), (0, *padding), ceil_mode, count_include_pad,
+                            divisor_override).squeeze(-2)
+    pool = F.avg_pool2d if dims == 2 else F.avg_pool3d
+    return pool(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_ADAPTIVE = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+def oracle(name, *args):
+    """What op `name` must return for these (float64) arguments, written without lrpfast: the
+    formulas of the primitives, autograd through torch's layer for the layer steps (one run per
+    target), an index_add at the forward's indices for max pooling."""
+    if name == "stab_div":
+        r, z, eps, stabilizer = args
+        return divide_or_zero(r, stab_reference(_repeat_rows(z, r.shape[0]), eps, stabilizer))
+    if name == "mul_input":
+        c, x = args
+        return c * _repeat_rows(x, c.shape[0])
+    if name == "mul_stab_div":
+        c, x, z, eps, stabilizer = args
+        return divide_or_zero(c * _repeat_rows(x, c.shape[0]), stab_reference(_repeat_rows(z, c.shape[0]), eps,
+                                                                                stabilizer))
+    if name == "max_pool_relprop":
+        r, indices, input_size = args[:3]
+        return index_add_oracle(r, indices, input_size)
+    r, x, z, rest = args[0], args[1], args[2], args[3:]
+    if name == "linear_relprop":
+        w, eps, stabilizer = rest
+        forward = lambda x_: F.linear(x_, w)  # noqa: E731
+    elif name == "conv_relprop":
+        w, stride, padding, dilation, groups, eps, stabilizer = rest
+        forward = lambda x_: _CONVS[w.dim() - 2](x_, w, None, stride, padding, dilation, groups)  # noqa: E731
+    elif name == "avg_pool_relprop":
+        *geometry, eps, stabilizer = rest
+        forward = lambda x_: _pool_forward(x_, *geometry)  # noqa: E731
+    elif name == "adaptive_avg_pool_relprop":
+        eps, stabilizer = rest
+        forward = lambda x_: _ADAPTIVE[x.dim() - 2](x_, z.shape[2:])  # noqa: E731
+    else:
+        raise ValueError(name)
+    return per_target(lambda r: epsilon_oracle(forward, x, r, eps, stabilizer, z_given=z), r, x.shape[0])
 
 
 # ----------------------------------------------------------------------------- C++ checks

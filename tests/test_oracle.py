@@ -153,7 +153,8 @@ def test_generator_covers_the_node_kinds():
             "pool:max_overlap2d", "pool:avg2d", "pool:adaptive_max2d", "add:residual", "cat", "split:dim1",
             "chunk:dim1", "shape:permute", "shape:flatten_view", "index:channels", "layernorm", "mul:gate",
             "mul:const", "mul:gated_mlp", "attn:mha", "attn:sdpa", "act:relu", "act:gelu", "act:sigmoid",
-            "cat:class_token", "shape:to_tokens"}
+            "cat:class_token", "shape:to_tokens", "linop:neg", "linop:sum_broadcast", "linop:stack", "linop:pad_crop",
+            "linop:repeat", "linop:expand"}
     assert need <= kinds, sorted(need - kinds)
 
 
