@@ -121,9 +121,52 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+def _optional_arguments(model: nn.Module) -> dict:
+    """forward's arguments after the input that have defaults (timm's attn_mask=None): traced at
+    their defaults, so that the graph has the one input LRP explains."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
+_TORCH_STATE = frozenset(vars(nn.Module()).keys())   # parameters, buffers, submodules, hooks, flags
+
+
+class _StateGuard:
+    """Restores every module's own attributes after tracing: a forward that caches into its module
+    (timm's LeViT/EfficientFormer keep attention biases in a dict in eval mode) would otherwise
+    keep an fx Proxy there, and the model would fail on its next call or trace."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = []
+        for m in model.modules():
+            attrs = {k: v for k, v in vars(m).items() if k not in _TORCH_STATE}
+            contents = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in attrs.items()
+                        if isinstance(v, (dict, list))}
+            self.saved.append((m, attrs, contents))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for m, attrs, contents in self.saved:
+            for k in [k for k in vars(m) if k not in _TORCH_STATE and k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                m.__dict__[k] = v
+                if k in contents:
+                    v.clear()
+                    (v.update if isinstance(v, dict) else v.extend)(contents[k])
+        return False
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     try:
-        graph = _Tracer().trace(model)
+        with _StateGuard(model):
+            graph = _Tracer().trace(model, concrete_args=_optional_arguments(model) or None)
     except Exception as exc:  # noqa: BLE001 (any tracing failure becomes one clear error)
         raise RelevanceError(
             f"LRP: could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). LRP needs a "
@@ -304,6 +347,9 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
+            if plan.input >= 0 and node.args:   # an optional argument, traced at its default
+                add(N.ConstStep(node.name, node.args[0]), node)
+                continue
             if plan.input >= 0:
                 raise RelevanceError(f"LRP: the model takes more than one input ({node.name!r}); LRP explains one "
                                      "input tensor")
@@ -316,7 +362,14 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
                 value = getattr(value, part)
             add(N.ConstStep(node.name, value), node)
         elif node.op == "call_module":
-            _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg)
+            if const_only(node) and any(isinstance(steps[d], N.ConstStep) for d in tensor_deps((node.args, node.kwargs))):
+                # a layer applied to constants (CP-LRP's attention weights through a talking-heads
+                # conv): its output is a constant too, with no relevance
+                mod = gm.get_submodule(node.target)
+                add(N.ConstExprStep(node.name, lambda *a, mod=mod, **k: mod(*a, **k), ref(node.args), ref(node.kwargs),
+                                    _load, f"{type(mod).__name__} of constants"), node)
+            else:
+                _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg)
         elif node.op in ("call_function", "call_method"):
             if meta_only(node) or _is_meta_call(node) or (node.op == "call_function" and node.target is torch._assert):
                 add(N.MetaStep(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load), node)
@@ -331,6 +384,11 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
                 raise RelevanceError("LRP: the model must return one tensor of logits (B, classes); it returns "
                                      f"{type(out).__name__}")
             plan.output = index[out]
+            if out.target in (F.softmax, torch.softmax, "softmax") or isinstance(steps[plan.output], N.ConstStep):
+                raise RelevanceError(f"LRP: the model returns {out.name!r} ({_target_name(out)}), "
+                                     + ("a softmax: LRP explains the logits before it; return those"
+                                        if out.target in (F.softmax, torch.softmax, "softmax") else
+                                        "a constant (it does not depend on the input)"))
     if plan.input < 0:
         raise RelevanceError("LRP: the traced model has no input")
     _finish(plan, rule_for)
@@ -420,9 +478,23 @@ def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
         step = N.ReshapeStep(node.name, m, None, None, None, type(m).__name__)
         step.load = lambda env, a, k, step=step: ((env[step.src],), {})
         return add(step, node, src)
+    found = op_rules.module_rule(m)
+    if found is not None:   # a module that is one of the generic ops (GroupNorm, Upsample, Softmax, pads)
+        rule, fn, extra = found
+        step_args = ref_args(node, index)
+        if rule is op_rules.SOFTMAX and plan.attention == "cp":
+            return add(N.ConstExprStep(node.name, lambda x, fn=fn, extra=extra: fn(x, *extra), step_args, {}, _load,
+                                       f"{type(m).__name__} (held constant: CP-LRP)"), node)
+        step = op_rules.LinearOpStep(node.name, fn, step_args, {}, _load, type(m).__name__, rule, eps, stabilizer,
+                                     extra)
+        return add(step, node, None, [index[src]])
     raise RelevanceError(
         f"LRP: node {node.name!r} calls module {node.target!r} ({type(m).__name__}), which has no relevance rule. "
         f"Supported: {SUPPORTED}")
+
+
+def ref_args(node, index):
+    return fx.node.map_arg(node.args, lambda n: _Ref(index[n]))
 
 
 def _constant_tensor(plan, node, index, what, a):
@@ -788,6 +860,14 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         step = N.SplitStep(name, _callable(node), ref(node.args), ref(node.kwargs), _load, what)
         step.split_dim = _constant(node, "dim", b["dim"])
         return add(step, node, b["input"])
+    if (not is_method and t is torch.unbind) or (is_method and t == "unbind"):
+        # timm's attention: qkv.permute(2, 0, 3, 1, 4).unbind(0), the batch at dim 1 of the source
+        b = _bind(node, ["input", "dim"], {"dim": 0})
+        if not isinstance(b["input"], fx.Node):
+            raise RelevanceError(f"LRP: node {name!r} ({what}) must unbind a tensor from the graph")
+        step = N.SplitStep(name, _callable(node), ref(node.args), ref(node.kwargs), _load, what)
+        step.split_dim, step.unbind = _constant(node, "dim", b["dim"]), True
+        return add(step, node, b["input"])
 
     # ---- tuple outputs and indexing
     if not is_method and t is operator.getitem and isinstance(node.args[0], fx.Node):
@@ -797,7 +877,8 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
             if not isinstance(item, int):
                 raise RelevanceError(f"LRP: node {name!r} indexes the pieces of {producer.describe()} with {item!r}; "
                                      "take one piece at a time (an int)")
-            step = N.PieceStep(name, producer.index, item, producer.split_dim)
+            piece = N.SelectStep if producer.unbind else N.PieceStep
+            step = piece(name, producer.index, item, producer.split_dim)
             add(step, node, None, [producer.src])
             step.src = producer.src   # relevance goes straight to the split tensor
             step.deps = list(dict.fromkeys(step.deps + [producer.src]))   # x stays alive until here
@@ -821,6 +902,15 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
                                  f"({', '.join(advanced) or repr(item)}): advanced indexing has no relevance rule; "
                                  "basic indexing (ints, slices, None, ...) keeping the batch dim is supported")
         return add(N.IndexStep(name, ref((item,)), _load), node, node.args[0])
+
+    # ---- softmax outside attention modules (attention written by hand): CP-LRP holds the weights
+    # constant (a constant of the graph from here on: no relevance, a constant factor in products);
+    # AttnLRP takes the softmax's Taylor step, R = x ⊙ Jᵀ(R/z): the generic linear rule
+    if (not is_method and t in (F.softmax, torch.softmax)) or (is_method and t == "softmax"):
+        if plan.attention == "cp":
+            return add(N.ConstExprStep(name, _callable(node), ref(node.args), ref(node.kwargs), _load,
+                                       what + " (held constant: CP-LRP)"), node)
+        return _linear_op_step(plan, node, index, add, ref, op_rules.SOFTMAX, eps, stabilizer)
 
     # ---- every other op linear in its computed inputs: one table entry each (lrpfast/op_rules.py)
     rule = op_rules.lookup(node.op, t)

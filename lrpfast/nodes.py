@@ -560,8 +560,10 @@ class AddStep(_EpsilonStep):
         s = self._s(msg, call)
         # a summand broadcast within the sample (x + x.sum(1, keepdim=True)) collects the share of
         # every position it was added at: the transpose of its broadcast
+        steps = call.steps
         return [(i, Msg(LAZY, s if t.shape == z.shape else s.sum_to_size((s.shape[0], *t.shape[1:])), t,
-                        t.shape != z.shape)) for i, t in zip(self.inputs, operands)]
+                        t.shape != z.shape)) for i, t in zip(self.inputs, operands)
+                if not isinstance(steps[i], ConstStep)]   # a constant summand absorbs its share
 
 
 class MulStep(_EpsilonStep):
@@ -865,6 +867,9 @@ class SplitStep(Step):
     # constant (graph.py classifies nodes by their inputs). Relevance never comes here: the
     # pieces send theirs to the source directly.
 
+    batch_anywhere = True   # it only makes the tuple; the pieces check where the batch is
+    unbind = False          # torch.unbind: the pieces are selections (SelectStep), not narrow views
+
     def __init__(self, name, fn, args, kwargs, load, what):
         super().__init__(name)
         self.fn, self.args, self.kwargs, self.load, self.op = fn, args, kwargs, load, what
@@ -875,6 +880,40 @@ class SplitStep(Step):
 
     def relprop(self, msg, call):
         return []
+
+
+class SelectStep(Step):
+    """Element `item` of x.unbind(dim) along a non-batch dim: x.select(dim, item). The batch may
+    sit elsewhere in x (timm's attention unbinds q, k, v from a (3, B, H, N, D) tensor); the piece
+    then has it first again. Relevance goes back into its slice of a map of x's shape."""
+
+    op = "getitem (unbind)"
+    batch_anywhere = True
+    sign_preserving = True
+
+    def __init__(self, name, split_index, item, dim):
+        super().__init__(name)
+        self.split_index, self.item, self.dim = split_index, item, dim
+
+    def forward(self, env, call):
+        x, parts = env[self.src], env[self.split_index]
+        bd = call.bdim.get(self.src, 0)
+        d = self.dim % x.dim()
+        if d == bd:
+            raise RelevanceError(f"LRP: {self.describe()} unbinds the batch dimension")
+        call.bdim[self.index] = bd - 1 if d < bd else bd   # explicit, also when 0 (MeanStep)
+        call.saved[self.index] = (tuple(call.batch_first(self.src, x).shape[1:]), _batch_first_dim(d, bd))
+        return parts[self.item]
+
+    def relprop(self, msg, call):
+        shape, d = call.saved[self.index]
+        a = materialize(msg)
+        full = a.new_zeros((a.shape[0], *shape))
+        full.select(d, self.item).copy_(a)
+        return [(self.src, Msg(DENSE, full, None, True))]
+
+    def zero_preserving(self, plan):
+        return plan.users_zero_preserving(self.index)
 
 
 class PieceStep(Step):

@@ -5,7 +5,12 @@ constant: numbers, parameters, shapes) needs no rule of its own. With z = f(x_1,
 its Jacobian in x_i, the ε rule of a linear map is
 
     LINEAR   R_i = x_i ⊙ J_iᵀ (R / stab(z))              (negation, subtraction, division by a
-                                                        constant, sum over dims, interpolation)
+                                                        constant, sum over dims, interpolation;
+                                                        AttnLRP's softmax rule has this form too)
+    BILINEAR R_i = x_i ⊙ J_iᵀ (R / stab(z)) / n          (a product of n computed factors, linear in
+                                                        each: matmul, einsum; AttnLRP's uniform
+                                                        rule, an even split; one computed factor
+                                                        and constants: LINEAR)
 
 and for an op that only moves, copies or drops elements (every output element is one input element
 or a constant), where x_i / z = 1 wherever relevance flows, the division cancels:
@@ -32,7 +37,7 @@ import torch.utils._pytree as pytree
 from .nodes import DENSE, LAZY, Msg, _EpsilonStep, divide, materialize, per_sample
 from .ops import RelevanceError
 
-COPY, LINEAR = "copy", "linear"
+COPY, LINEAR, BILINEAR = "copy", "linear", "bilinear"
 
 
 class OpRule(NamedTuple):
@@ -41,6 +46,9 @@ class OpRule(NamedTuple):
                                                 # None when it cannot be told: checked to spare dim 0
     sign_preserving: bool = False               # output >= 0 where the computed inputs are
     only_first_computed: bool = False           # the other operands must be constants (x / c)
+    check: Optional[Callable] = None            # (args, kwargs, xs, computed) -> why it is refused, or None
+    linearized: Optional[Callable] = None       # the function whose Jacobian the rule takes, where it is not
+                                                # the op's own (a norm with its σ held constant)
 
 
 def _dims(v, ndim):
@@ -103,6 +111,36 @@ def _none(args, kwargs, ndim):
     return []
 
 
+def _softmax_dims(args, kwargs, ndim):
+    return _dims(_arg(args, kwargs, 1, "dim"), ndim)
+
+
+def _matmul_check(args, kwargs, xs, computed):
+    """A matmul contracts over the batch when a computed operand is a matrix on the right, or two
+    computed matrices meet: only batched products ((B, ..., n, k) @ (B, ..., k, m), or a computed
+    left operand times a constant) keep the samples apart."""
+    a, b = args[0], args[1]
+    if computed(b) and b.dim() < 3:
+        return "multiplies by a computed matrix on the right whose rows would mix the samples"
+    if computed(a) and computed(b) and a.dim() != b.dim():
+        return "multiplies computed tensors of different ranks (their batch dims would not line up)"
+    return None
+
+
+def _einsum_check(args, kwargs, xs, computed):
+    eq = args[0]
+    operands = list(args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(eq, str) or "->" not in eq:
+        return "needs an explicit output ('...->...') to tell where the batch goes"
+    ins, out = eq.replace(" ", "").split("->")
+    for sub, t in zip(ins.split(","), operands):
+        if computed(t) and not (sub[:1] == out[:1] != "" and (sub[0] != "." or out.startswith("..."))):
+            return f"does not keep the batch (the first index of {sub!r}) first in its output {out!r}"
+    return None
+
+
 _interp_kind = LINEAR
 
 FUNCTIONS = {
@@ -118,7 +156,95 @@ FUNCTIONS = {
     torch.roll: OpRule(COPY, _roll_dims, sign_preserving=True),
     torch.flip: OpRule(COPY, _flip_dims, sign_preserving=True),
     F.interpolate: OpRule(LINEAR, _spatial),
+    torch.matmul: OpRule(BILINEAR, check=_matmul_check),
+    operator.matmul: OpRule(BILINEAR, check=_matmul_check),
+    torch.bmm: OpRule(BILINEAR, check=_matmul_check),
+    torch.einsum: OpRule(BILINEAR, check=_einsum_check),
+    torch.masked_fill: OpRule(COPY, _none),
 }
+# AttnLRP's softmax rule (graph.py sends softmax here under attention="attnlrp"; under "cp" the
+# attention weights are constants)
+SOFTMAX = OpRule(LINEAR, _softmax_dims)
+
+
+# ---- norms: the normaliser σ held constant (the LayerNorm rule of the README), so the map is
+# linear (x − mean)/σ·γ (+ β: absorbs its share); the forward stays the op's own
+
+
+def _group_norm_linear(input, num_groups, weight=None, bias=None, eps=1e-5):
+    b, c = input.shape[:2]
+    g = input.reshape(b, num_groups, -1)
+    sigma = torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + eps).detach()
+    y = ((g - g.mean(-1, keepdim=True)) / sigma).reshape(input.shape)
+    shape = (1, c) + (1,) * (input.dim() - 2)
+    y = y if weight is None else y * weight.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
+
+
+def _rms_norm_linear(input, normalized_shape, weight=None, eps=None):
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    y = input / torch.sqrt(input.pow(2).mean(dims, keepdim=True) + eps).detach()
+    return y if weight is None else y * weight
+
+
+def _normalize_linear(input, p=2.0, dim=1, eps=1e-12, out=None):
+    return input / input.norm(p, dim, keepdim=True).clamp_min(eps).detach()
+
+
+def _group_norm_dims(args, kwargs, ndim):
+    return list(range(1, ndim))
+
+
+def _last_dims(args, kwargs, ndim):
+    shape = _arg(args, kwargs, 1, "normalized_shape")
+    n = 1 if isinstance(shape, int) else len(shape)
+    return list(range(ndim - n, ndim))
+
+
+def _normalize_dims(args, kwargs, ndim):
+    return _dims(_arg(args, kwargs, 2, "dim", 1), ndim)
+
+
+FUNCTIONS[F.group_norm] = OpRule(LINEAR, _group_norm_dims, linearized=_group_norm_linear)
+FUNCTIONS[F.normalize] = OpRule(LINEAR, _normalize_dims, linearized=_normalize_linear)
+if hasattr(F, "rms_norm"):
+    FUNCTIONS[F.rms_norm] = OpRule(LINEAR, _last_dims, linearized=_rms_norm_linear)
+
+
+# ---- modules that are one of the ops above: (op rule, the functional call of the module)
+def _module_call(m):
+    return lambda x: m(x)
+
+
+MODULES = {
+    torch.nn.GroupNorm: (FUNCTIONS[F.group_norm],
+                         lambda m: (F.group_norm, (m.num_groups, m.weight, m.bias, m.eps))),
+    torch.nn.Upsample: (FUNCTIONS[F.interpolate],
+                        lambda m: (F.interpolate, (m.size, m.scale_factor, m.mode, m.align_corners))),
+    torch.nn.Softmax: (SOFTMAX, lambda m: (F.softmax, (m.dim,))),
+    torch.nn.ZeroPad2d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding),))),
+    torch.nn.ConstantPad1d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding), "constant", m.value))),
+    torch.nn.ConstantPad2d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding), "constant", m.value))),
+    torch.nn.ConstantPad3d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding), "constant", m.value))),
+    torch.nn.ReflectionPad1d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding), "reflect"))),
+    torch.nn.ReflectionPad2d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding), "reflect"))),
+    torch.nn.ReplicationPad2d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding), "replicate"))),
+}
+if hasattr(torch.nn, "RMSNorm"):
+    MODULES[torch.nn.RMSNorm] = (FUNCTIONS[F.rms_norm],
+                                 lambda m: (F.rms_norm, (tuple(m.normalized_shape), m.weight, m.eps)))
+
+
+def module_rule(m):
+    """(op rule, fn, constant args) for a module that is one of the ops above, else None. Only
+    the module's own class (a subclass with its own forward is traced through instead)."""
+    entry = MODULES.get(type(m))
+    if entry is None:
+        return None
+    rule, call = entry
+    fn, extra = call(m)
+    return rule, fn, extra
 METHODS = {
     "neg": OpRule(LINEAR, _none),
     "sub": OpRule(LINEAR, _none),
@@ -135,6 +261,9 @@ METHODS = {
     "bfloat16": OpRule(COPY, _none, sign_preserving=True),
     "to": OpRule(COPY, _none, sign_preserving=True),
     "type_as": OpRule(COPY, _none, sign_preserving=True),
+    "matmul": OpRule(BILINEAR, check=_matmul_check),
+    "bmm": OpRule(BILINEAR, check=_matmul_check),
+    "masked_fill": OpRule(COPY, _none),
 }
 
 
@@ -150,18 +279,29 @@ def lookup(op: str, target) -> Optional[OpRule]:
 class LinearOpStep(_EpsilonStep):
     """One node whose op has an entry above; its computed inputs are `inputs` (module docstring)."""
 
-    def __init__(self, name, fn, args, kwargs, load, op, rule: OpRule, eps, stabilizer):
+    def __init__(self, name, fn, args, kwargs, load, op, rule: OpRule, eps, stabilizer, extra=()):
         super().__init__(name, eps, stabilizer)
         self.fn, self.args, self.kwargs, self.load, self.op, self.rule = fn, args, kwargs, load, op, rule
-        self.sign_preserving = rule.sign_preserving
+        self.extra = tuple(extra)   # a module's constant arguments, after the input (module_rule)
+        self.sign_preserving = rule.sign_preserving and rule.kind != BILINEAR
         if rule.kind == COPY:   # views (expand) or copies: nothing to divide, nothing to rectify in place
             self.has_denominator = False
             self.fresh_output = False
 
     def forward(self, env, call):
         args, kwargs = self.load(env, self.args, self.kwargs)
+        args = (*args, *self.extra)
         z = self.fn(*args, **kwargs)
+        # computed inputs that carry relevance: floating tensors (a bool mask computed from the
+        # input selects, it carries none)
         xs = [env[i] for i in self.inputs]
+        carries = [x.is_floating_point() for x in xs]
+        xs = [x for x, c in zip(xs, carries) if c]
+        if self.rule.check is not None:
+            ids = {id(x) for x in xs}
+            why = self.rule.check(args, kwargs, xs, lambda t: isinstance(t, torch.Tensor) and id(t) in ids)
+            if why:
+                raise RelevanceError(f"LRP: {self.describe()} {why}")
         b = xs[0].shape[0] if xs else None
         if not isinstance(z, torch.Tensor) or z.dim() == 0 or any(x.dim() == 0 or x.shape[0] != b for x in xs) \
                 or z.shape[0] != b:
@@ -172,9 +312,9 @@ class LinearOpStep(_EpsilonStep):
             if dims is None or 0 in dims:
                 raise RelevanceError(f"LRP: {self.describe()} acts along the batch dimension (dim 0); only ops on "
                                      "the other dims of each sample have a relevance rule")
-        if self.rule.kind == LINEAR and z.dtype != xs[0].dtype:
+        if self.rule.kind != COPY and xs and z.dtype != xs[0].dtype:
             raise RelevanceError(f"LRP: {self.describe()} changes the dtype ({xs[0].dtype} -> {z.dtype})")
-        call.saved[self.index] = (args, kwargs, xs, z)
+        call.saved[self.index] = (args, kwargs, xs, z, carries)
         return z
 
     def denominator(self, call):
@@ -184,6 +324,9 @@ class LinearOpStep(_EpsilonStep):
 
     def output_of(self, call):
         return call.saved[self.index][3]
+
+    def saved_extra(self, call):
+        return tuple(call.saved[self.index][2])   # the inputs, for the vector-Jacobian products
 
     def _transpose(self, args, kwargs, xs, g):
         """J_iᵀ g for every computed input, by the op's autograd; g has K*B rows (K maps per sample),
@@ -199,7 +342,7 @@ class LinearOpStep(_EpsilonStep):
                 leaf = [x.detach().requires_grad_(True) for x in xs]
                 vals = [leaf[w] if w is not None else v for v, w in zip(leaves, where)]
                 a, kw = pytree.tree_unflatten(vals, spec)
-                out = self.fn(*a, **kw)
+                out = (self.rule.linearized or self.fn)(*a, **kw)
                 return torch.autograd.grad(out, leaf, gk.to(out.dtype), allow_unused=True)
 
         if k == 1:
@@ -215,13 +358,23 @@ class LinearOpStep(_EpsilonStep):
         return out
 
     def relprop(self, msg, call):
-        args, kwargs, xs, z = call.saved[self.index]
+        args, kwargs, xs, z, carries = call.saved[self.index]
+        if not xs:
+            return []
+        targets = [i for i, c in zip(self.inputs, carries) if c]
         if self.rule.kind == COPY:
             cs = self._transpose(args, kwargs, xs, materialize(msg))
-            return [(i, Msg(DENSE, c, None, True)) for i, c in zip(self.inputs, cs)]
+            return [(i, Msg(DENSE, c, None, True)) for i, c in zip(targets, cs)]
         s = self._s(msg, call)
         cs = self._transpose(args, kwargs, xs, s)
-        return [(i, Msg(LAZY, c, x, True)) for i, c, x in zip(self.inputs, cs, xs)]
+        if self.rule.kind == BILINEAR:
+            # the uniform rule: each computed factor an even share (x @ x: x is two factors, and
+            # x ⊙ Jᵀ(R/z) over both is 2R by Euler's theorem)
+            ids = {id(x) for x in xs}
+            n = sum(1 for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor) and id(v) in ids)
+            if n > 1:
+                cs = [c.mul_(1.0 / n) for c in cs]
+        return [(i, Msg(LAZY, c, x, True)) for i, c, x in zip(targets, cs, xs)]
 
     def zero_preserving(self, plan):
         return True if self.rule.kind == LINEAR else plan.users_zero_preserving(self.index)

@@ -4,7 +4,7 @@ With ε = 0 and the ε rule on every layer, LRP equals gradient × input of the 
 
 - every elementwise nonlinearity f (ReLU, GELU, tanh, sigmoid, ...) is x · (f(x)/x).detach()
   (LRP's pass rule: the ratio is a constant, so relevance passes through unchanged),
-- every normaliser (LayerNorm, GroupNorm, RMSNorm) has its σ detached,
+- every normaliser (LayerNorm, GroupNorm, RMSNorm, F.normalize) has its σ detached,
 - every product of two computed tensors (a * b, a @ b, einsum) hands each factor half of the
   gradient, ½(a·b) + ½(a·b).detach() (AttnLRP's uniform rule; Achtibat et al. 2024),
 - the softmax of attention is detached ("cp": CP-LRP, Ali et al. 2022) or differentiated
@@ -110,6 +110,11 @@ class _DetachRules(TorchFunctionMode):
             return _group_norm(*args, **kwargs)
         if func is getattr(F, "rms_norm", None):
             return _rms_norm(*args, **kwargs)
+        if func is F.normalize and args and _computed(args[0]):
+            x, p, dim = args[0], kwargs.get("p", args[1] if len(args) > 1 else 2.0), \
+                kwargs.get("dim", args[2] if len(args) > 2 else 1)
+            eps = kwargs.get("eps", args[3] if len(args) > 3 else 1e-12)
+            return x / x.norm(p, dim, keepdim=True).clamp_min(eps).detach()
         if func is F.scaled_dot_product_attention:
             return self._sdpa(*args, **kwargs)
         if func is F.multi_head_attention_forward:

@@ -213,8 +213,11 @@ TIMM_FAMILIES = {
     "densenet121": 64, "inception_v3": 96, "xception41p": 64, "dpn48b": 64, "cspresnet50": 64,
     "ese_vovnet19b_slim_dw": 64, "resnetv2_18": 64, "nf_regnet_b0": 64,
     "coatnet_pico_rw_224": 224,
+    # transformers through the generic op rules and attention written by hand (issue 15)
+    "deit_tiny_patch16_224": 224, "eva02_tiny_patch14_224": 224, "pvt_v2_b0": 64, "efficientformerv2_s0": 224,
+    "cait_xxs24_224": 224, "beit_base_patch16_224": 224,
 }
-SLOW_TIMM = {"coatnet_pico_rw_224", "densenet121", "inception_v3", "dpn48b"}
+SLOW_TIMM = {"coatnet_pico_rw_224", "densenet121", "inception_v3", "dpn48b", "cait_xxs24_224", "beit_base_patch16_224"}
 
 
 def _timm_params():

@@ -89,3 +89,178 @@ def test_ops_across_the_batch_are_refused(f, match):
     model = Wrap(f).to(F64).eval()
     with pytest.raises(RelevanceError, match=match):
         lrpfast.LRP(model)(torch.randn(2, 3, 6, 6, dtype=F64))
+
+
+# ----------------------------------------------------------------------------- norms (σ constant)
+
+
+class Tokens(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(6, 8), norm, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.inp(x))).mean(1))
+
+
+class Fn(nn.Module):
+    def __init__(self, f, *mods):
+        super().__init__()
+        self.f, self.mods = f, nn.ModuleList(mods)
+
+    def forward(self, x):
+        return self.f(x, *self.mods)
+
+
+NORMS = {
+    "GroupNorm": lambda: nn.GroupNorm(2, 4),
+    "F.group_norm": lambda: Fn(lambda x, gn: F.group_norm(x, 2, gn.weight, gn.bias), nn.GroupNorm(2, 4)),
+    "F.normalize": lambda: Fn(lambda x: F.normalize(x, dim=1) * 3.0),
+}
+TOKEN_NORMS = {
+    "RMSNorm": lambda: nn.RMSNorm(8),
+    "F.rms_norm": lambda: Fn(lambda x, n: F.rms_norm(x, (8,), n.weight, 1e-6), nn.RMSNorm(8)),
+    "F.normalize(-1)": lambda: Fn(lambda x: F.normalize(x, dim=-1)),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_image_norm_equals_oracle(name):
+    torch.manual_seed(3)
+    norm = NORMS[name]()
+    for p in norm.parameters():
+        nn.init.normal_(p, 1.0, 0.3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(F64).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    e = lrpfast.LRP(model, eps=0.0).explain(x)
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert rel_l2(e.relevance, gradient_oracle(model, x, e.targets)) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(TOKEN_NORMS))
+def test_token_norm_equals_oracle(name):
+    if name.startswith(("RMS", "F.rms")) and not hasattr(nn, "RMSNorm"):
+        pytest.skip("torch without RMSNorm")
+    torch.manual_seed(4)
+    model = Tokens(TOKEN_NORMS[name]()).to(F64).eval()
+    x = torch.randn(2, 5, 6, dtype=F64)
+    e = lrpfast.LRP(model, eps=0.0).explain(x)
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert rel_l2(e.relevance, gradient_oracle(model, x, e.targets)) < 1e-12
+
+
+# ----------------------------------------------------------------------------- attention by hand
+
+
+class HandAttention(nn.Module):
+    """Attention written out (timm/HF style): qkv, heads by reshape/permute, q @ kᵀ or einsum,
+    scale, a causal mask by masked_fill, softmax (function or module), optional talking heads
+    (a conv across heads on the weights), A @ v, heads merged, projection."""
+
+    def __init__(self, e=8, h=2, form="matmul", causal=False, module_softmax=False, talking=False, unbind=False):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(e, 3 * e), nn.Linear(e, e)
+        self.h, self.form, self.causal, self.unbind = h, form, causal, unbind
+        self.softmax = nn.Softmax(-1) if module_softmax else None
+        self.talk = nn.Conv2d(h, h, 1) if talking else None
+        self.register_buffer("mask", torch.ones(8, 8, dtype=torch.bool).tril())
+
+    def forward(self, x):
+        b, n, c = x.shape
+        if self.unbind:
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            qkv = self.qkv(x).reshape(b, n, 3, self.h, c // self.h).permute(0, 3, 2, 1, 4)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.form == "matmul":
+            a = (q @ k.transpose(-2, -1)) * (c // self.h) ** -0.5
+        else:
+            a = torch.einsum("bhnd,bhmd->bhnm", q, k) / (c // self.h) ** 0.5
+        if self.causal:
+            a = a.masked_fill(~self.mask[:n, :n], float("-inf"))
+        a = self.softmax(a) if self.softmax is not None else a.softmax(dim=-1)
+        if self.talk is not None:
+            a = self.talk(a)
+        o = a @ v if self.form == "matmul" else torch.einsum("bhnm,bhmd->bhnd", a, v)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.ln, self.attn, self.fc = nn.LayerNorm(8), HandAttention(**kw), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln(x))
+        return self.fc(x.mean(1))
+
+
+ATTENTION = {
+    "matmul": {}, "einsum": {"form": "einsum"}, "causal": {"causal": True}, "softmax_module": {"module_softmax": True},
+    "talking_heads": {"talking": True}, "unbind": {"unbind": True},
+}
+
+
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+@pytest.mark.parametrize("variant", list(ATTENTION))
+def test_hand_written_attention_equals_oracle(variant, attention):
+    torch.manual_seed(5)
+    model = Block(**ATTENTION[variant]).to(F64).eval()
+    x = torch.randn(2, 6, 8, dtype=F64)
+    t = torch.tensor([0, 2])
+    e = lrpfast.LRP(model, eps=0.0, attention=attention).explain(x, t)
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert rel_l2(e.relevance, gradient_oracle(model, x, t, attention=attention)) < 1e-12
+
+
+def test_cp_and_attnlrp_differ_on_hand_written_attention():
+    torch.manual_seed(6)
+    model = Block().to(F64).eval()
+    x = torch.randn(2, 6, 8, dtype=F64)
+    assert rel_l2(lrpfast.LRP(model, attention="cp")(x), lrpfast.LRP(model, attention="attnlrp")(x)) > 1e-3
+
+
+def test_matmul_mixing_samples_is_refused():
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h @ h.transpose(0, 1)
+
+    with pytest.raises(RelevanceError, match="batch"):
+        lrpfast.LRP(Mix().to(F64))(torch.randn(5, 4, dtype=F64))
+
+
+# ----------------------------------------------------------------------------- tracing leaves no state
+
+
+class Cached(nn.Module):
+    """Caches a tensor computed from a parameter in a dict in eval mode (timm's LeViT and
+    EfficientFormer attention biases): tracing must not leave an fx Proxy there."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.bias = nn.Parameter(torch.randn(3))
+        self.cache = {}
+
+    def forward(self, x, scale=None):
+        if not self.training:
+            if "b" not in self.cache:
+                self.cache["b"] = self.bias * 2
+            b = self.cache["b"]
+        else:
+            b = self.bias * 2
+        return self.fc(x) + b
+
+
+def test_tracing_leaves_no_state_and_optional_arguments_take_their_defaults():
+    model = Cached().to(F64).eval()
+    lrpfast.LRP(model)
+    assert model.cache == {}
+    x = torch.randn(2, 4, dtype=F64)
+    e = lrpfast.LRP(model, eps=0.0).explain(x)    # a second trace in the same process
+    assert rel_l2(e.logits, model(x)) < 1e-15
