@@ -88,7 +88,11 @@ SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d (also F.linear/F.conv*d wi
              "LayerNorm (module, F.layer_norm), MultiheadAttention (module; output [0]), "
              "F.scaled_dot_product_attention, nn.TransformerEncoder(Layer)/TransformerDecoder(Layer) (their slow "
              "path, traced through), basic indexing x[:, ...] (ints, slices, None, ...), "
-             "parameters and tensors computed from them only (expand, ...; constants: no relevance), torch._assert")
+             "parameters and tensors computed from them only (expand, ...; constants: no relevance), torch._assert; "
+             "and the ops of lrpfast/op_rules.py: negation, subtraction, division by constants, sum over non-batch "
+             "dims, stack, expand, repeat, pad, roll, flip, interpolate, casts, masked_fill, matmul/einsum (one or two "
+             "computed factors), softmax (CP: constant; AttnLRP: its Taylor step), torch.unbind, GroupNorm, RMSNorm, "
+             "F.normalize (σ constant), nn.Upsample/Softmax/padding modules")
 
 _LEAVES = (nn.Linear, *_CONV, *canonize.BATCH_NORMS, *_MAXPOOL, *_AVGPOOL, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX, *_DROPOUT,
            *_ACTIVATIONS, nn.Flatten, nn.Unflatten, nn.LayerNorm, nn.MultiheadAttention, rel_layers._RelLayer)

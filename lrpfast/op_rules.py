@@ -162,6 +162,27 @@ FUNCTIONS = {
     torch.einsum: OpRule(BILINEAR, check=_einsum_check),
     torch.masked_fill: OpRule(COPY, _none),
 }
+METHODS = {
+    "neg": OpRule(LINEAR, _none),
+    "sub": OpRule(LINEAR, _none),
+    "div": OpRule(LINEAR, _none, only_first_computed=True),
+    "sum": OpRule(LINEAR, _sum_dims, sign_preserving=True),
+    "expand": OpRule(COPY, _expand_dims, sign_preserving=True),
+    "expand_as": OpRule(COPY, None, sign_preserving=True),
+    "repeat": OpRule(COPY, _repeat_dims, sign_preserving=True),
+    "roll": OpRule(COPY, _roll_dims, sign_preserving=True),
+    "flip": OpRule(COPY, _flip_dims, sign_preserving=True),
+    "float": OpRule(COPY, _none, sign_preserving=True),
+    "double": OpRule(COPY, _none, sign_preserving=True),
+    "half": OpRule(COPY, _none, sign_preserving=True),
+    "bfloat16": OpRule(COPY, _none, sign_preserving=True),
+    "to": OpRule(COPY, _none, sign_preserving=True),
+    "type_as": OpRule(COPY, _none, sign_preserving=True),
+    "matmul": OpRule(BILINEAR, check=_matmul_check),
+    "bmm": OpRule(BILINEAR, check=_matmul_check),
+    "masked_fill": OpRule(COPY, _none),
+}
+
 # AttnLRP's softmax rule (graph.py sends softmax here under attention="attnlrp"; under "cp" the
 # attention weights are constants)
 SOFTMAX = OpRule(LINEAR, _softmax_dims)
@@ -245,26 +266,7 @@ def module_rule(m):
     rule, call = entry
     fn, extra = call(m)
     return rule, fn, extra
-METHODS = {
-    "neg": OpRule(LINEAR, _none),
-    "sub": OpRule(LINEAR, _none),
-    "div": OpRule(LINEAR, _none, only_first_computed=True),
-    "sum": OpRule(LINEAR, _sum_dims, sign_preserving=True),
-    "expand": OpRule(COPY, _expand_dims, sign_preserving=True),
-    "expand_as": OpRule(COPY, None, sign_preserving=True),
-    "repeat": OpRule(COPY, _repeat_dims, sign_preserving=True),
-    "roll": OpRule(COPY, _roll_dims, sign_preserving=True),
-    "flip": OpRule(COPY, _flip_dims, sign_preserving=True),
-    "float": OpRule(COPY, _none, sign_preserving=True),
-    "double": OpRule(COPY, _none, sign_preserving=True),
-    "half": OpRule(COPY, _none, sign_preserving=True),
-    "bfloat16": OpRule(COPY, _none, sign_preserving=True),
-    "to": OpRule(COPY, _none, sign_preserving=True),
-    "type_as": OpRule(COPY, _none, sign_preserving=True),
-    "matmul": OpRule(BILINEAR, check=_matmul_check),
-    "bmm": OpRule(BILINEAR, check=_matmul_check),
-    "masked_fill": OpRule(COPY, _none),
-}
+
 
 
 def lookup(op: str, target) -> Optional[OpRule]:

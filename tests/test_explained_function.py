@@ -18,6 +18,8 @@ import lrpfast
 from lrpfast.oracle import gradient_oracle
 from lrpfast.ops import RelevanceError
 
+from .test_lrp_models import randomize_batch_norm
+
 F64 = torch.float64
 
 
@@ -32,20 +34,6 @@ def assert_explains_model(model, x, tol=1e-9):
     e = lrpfast.LRP(model, eps=0.0).explain(x, t)
     assert rel_l2(e.logits, want) < 1e-12
     assert rel_l2(e.relevance, gradient_oracle(model, x, t)) < tol
-
-
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return model
 
 
 # ----------------------------------------------------------------------------- defect 2: subclasses
@@ -92,7 +80,7 @@ def small_cnn(block, act=nn.GELU):
 @pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Identity])
 def test_batchnorm_subclass_with_activation_is_traced_through(act):
     torch.manual_seed(0)
-    model = randomize_bn(small_cnn(BatchNormAct(6, act))).to(F64).eval()
+    model = randomize_batch_norm(small_cnn(BatchNormAct(6, act))).to(F64).eval()
     x = torch.randn(3, 3, 8, 8, dtype=F64)
     assert_explains_model(model, x)
     plan = lrpfast.LRP(model).plan.describe()
@@ -111,7 +99,7 @@ def test_batchnorm_subclass_after_an_add_is_an_affine_step():
             return self.head(self.bn(self.a(x) + self.b(x)).mean((2, 3)))
 
     torch.manual_seed(1)
-    model = randomize_bn(Net()).to(F64).eval()
+    model = randomize_batch_norm(Net()).to(F64).eval()
     assert_explains_model(model, torch.randn(2, 3, 6, 6, dtype=F64))
     assert "F.batch_norm" in lrpfast.LRP(model).plan.describe()
 
@@ -229,7 +217,7 @@ def _timm_params():
 def test_timm_family_equals_model_and_oracle(name):
     timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install lrpfast[zoo])")
     torch.manual_seed(0)
-    model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=5)).to(F64).eval()
+    model = randomize_batch_norm(timm.create_model(name, pretrained=False, num_classes=5)).to(F64).eval()
     size = TIMM_FAMILIES[name]
     x = torch.randn(2, 3, size, size, dtype=F64)
     with torch.no_grad():

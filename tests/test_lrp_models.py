@@ -22,13 +22,15 @@ def randomize_batch_norm(model, zero_shift=False):
     """Non-trivial BatchNorm statistics, so that folding is exercised (shift 0 when asked)."""
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
             n = m.running_var.shape[0]
             m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            if m.weight is not None:
+                m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
             if not zero_shift:
                 m.running_mean.copy_(0.2 * torch.rand(n, generator=g) - 0.1)
-                m.bias.data.copy_(0.2 * torch.rand(n, generator=g) - 0.1)
+                if m.bias is not None:
+                    m.bias.data.copy_(0.2 * torch.rand(n, generator=g) - 0.1)
     return model
 
 

@@ -25,6 +25,7 @@ from lrpfast.oracle import gradient_oracle
 from lrpfast.ops import RelevanceError
 
 from .random_nets import random_net
+from .test_lrp_models import randomize_batch_norm
 
 F64 = torch.float64
 TOL = 1e-9
@@ -161,18 +162,14 @@ def test_generator_covers_the_node_kinds():
 # ----------------------------------------------------------------------------- torchvision
 
 
-def _randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def _live_head(model):
+    """torchvision's ViT starts with a zero head: every map would be 0."""
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-            if isinstance(m, nn.Linear) and m.weight.abs().max() == 0:   # ViT's zero head
+            if isinstance(m, nn.Linear) and m.weight.abs().max() == 0:
                 m.weight.normal_(0, 0.05, generator=g)
+    return model
 
 
 def _torchvision_case(name):
@@ -191,7 +188,7 @@ def _torchvision_case(name):
         kwargs.pop("image_size", None)
         model = tv.models.get_model(name, weights=None, **kwargs)
     model = model.to(F64).eval()
-    _randomize_bn(model)
+    _live_head(randomize_batch_norm(model))
     size = {"inception_v3": 75}.get(name, vit_size if name.startswith("vit") else 64)
     x = torch.randn(2, 3, size, size, dtype=F64)
     try:
