@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
-from . import op_rules
+from . import op_rules, shape_trace
 from . import transformer as T
 from .torch_transformers import slow_path as _slow_path
 from .ops import RelevanceError
@@ -167,16 +167,25 @@ class _StateGuard:
         return False
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+class NeedsShapes(RelevanceError):
+    """Symbolic tracing failed on Python control flow: the trace may need the input's shape
+    (lrpfast/shape_trace.py); LRP then traces once per input shape, at the first call."""
+
+
+def trace(model: nn.Module, example: Optional[torch.Tensor] = None) -> fx.GraphModule:
+    """model's graph: shape-agnostic, or for `example`'s shape (shape_trace.py) when given."""
+    tracer = _Tracer() if example is None else shape_trace.make_tracer(_Tracer, example)()
     try:
-        with _StateGuard(model):
-            graph = _Tracer().trace(model, concrete_args=_optional_arguments(model) or None)
+        with _StateGuard(model):   # (the GraphModule copies what tracing attached, before it is removed)
+            graph = tracer.trace(model, concrete_args=_optional_arguments(model) or None)
+            gm = fx.GraphModule(model, graph)
     except Exception as exc:  # noqa: BLE001 (any tracing failure becomes one clear error)
-        raise RelevanceError(
-            f"LRP: could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). LRP needs a "
-            "model whose forward has no data-dependent Python control flow; wrap such parts in a module, or trace "
-            "a sub-model that has none") from exc
-    gm = fx.GraphModule(model, graph)
+        message = (f"LRP: could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). "
+                   "LRP needs a model whose forward has no data-dependent Python control flow")
+        if example is None:
+            raise NeedsShapes(message + "; wrap such parts in a module, or trace a sub-model that has none") from exc
+        raise RelevanceError(message + f" (traced for input shape {tuple(example.shape)}, so branches on shapes "
+                             "are resolved: this one depends on the data)") from exc
     gm.graph.eliminate_dead_code()
     return gm
 
@@ -282,6 +291,7 @@ class Plan:
         self.free_after: List[List[int]] = []
         self._zp: List[Optional[bool]] = []
         self.attention = "cp"   # the attention steps' rule (lrpfast/transformer.py)
+        self.verified: set = set()   # input shapes whose logits were checked against model(x) (LRP._verify)
 
     def users_zero_preserving(self, i: int) -> bool:
         """Every consumer of step i sends 0 relevance where step i's output is 0 (and i is not the
@@ -304,8 +314,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str, attention: str = "cp") -> Plan:
-    gm = trace(model)
+def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str, attention: str = "cp",
+               example: Optional[torch.Tensor] = None) -> Plan:
+    gm = trace(model, example)
     plan = Plan(gm)
     plan.attention = T.check_attention_rule("LRP", attention)
     index = {}        # fx node -> step index

@@ -179,10 +179,63 @@ class LRP:
         rule_for, self.composite_name = _rule_resolver(composite, self.eps, stabilizer, composite_params)
         checks.check_explained_function(model)
         self._traced_modes = checks.training_modes(model)
+        self._build = lambda example=None: graph.build_plan(model, rule_for, self.eps, stabilizer, attention, example)
+        self._shape_plans: Optional[dict] = None   # input shape -> plan, for forwards that branch on shapes
         with torch.no_grad():
-            self.plan = graph.build_plan(model, rule_for, self.eps, stabilizer, attention)
+            try:
+                self._plan = self._build()
+            except graph.NeedsShapes as exc:
+                # The forward branches on shapes (timm's patch/padding checks): trace per input
+                # shape at the call (lrpfast/shape_trace.py); data-dependent branches fail there.
+                self._plan, self._shape_plans, self._symbolic_error = None, {}, exc
         self.attention = attention
         self._per_sample: dict = {}
+
+    @property
+    def plan(self) -> graph.Plan:
+        """The traced plan: the only one, or, for a model traced per input shape, the last used."""
+        if self._plan is None:
+            raise RelevanceError(f"LRP: {type(self.model).__name__}'s forward branches on the input's shape, so it is "
+                                 "traced per input shape at the first call: call lrp(x) once (or lrp.prepare(x)) "
+                                 f"first. ({self._symbolic_error})")
+        return self._plan
+
+    def _verify(self, plan, x, logits) -> None:
+        """Once per plan and input shape: the traced graph's logits are model(x). A trace that fixed
+        something the forward computes from the data, or anything else that makes the graph another
+        function, is refused here instead of explained (one extra forward per new shape)."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if torch.compiler.is_compiling() or key in plan.verified:
+            return
+        with torch.no_grad():
+            want = self.model(x)
+        if not isinstance(want, torch.Tensor) or want.shape != logits.shape:
+            raise RelevanceError(f"LRP: model(x) returns {type(want).__name__} of shape "
+                                 f"{tuple(getattr(want, 'shape', ()))}, the traced graph {tuple(logits.shape)}")
+        tol = 1e-6 if x.dtype == torch.float64 else 1e-3 if x.dtype == torch.float32 else 5e-2
+        scale = want.abs().max().clamp_min(1e-30)
+        gap = ((want - logits).abs().max() / scale).item()
+        if not gap <= tol:
+            if self._shape_plans is not None:
+                self._shape_plans.pop(key, None)
+            raise RelevanceError(f"LRP: the graph traced from {type(self.model).__name__} does not reproduce model(x) "
+                                 f"for input shape {tuple(x.shape)} (largest difference {gap:.2e} of the largest "
+                                 "logit): its forward depends on something the trace fixed (data-dependent Python, "
+                                 "state, randomness); LRP refuses to explain another function")
+        plan.verified.add(key)
+
+    def prepare(self, x: torch.Tensor) -> graph.Plan:
+        """The plan for x's shape, traced now if the model needs one per shape."""
+        if self._shape_plans is None:
+            return self.plan
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._shape_plans:
+            if len(self._shape_plans) >= 16:   # batch sizes come and go: keep a few
+                self._shape_plans.pop(next(iter(self._shape_plans)))
+            with torch.no_grad():
+                self._shape_plans[key] = self._build(x)
+        self._plan = self._shape_plans[key]
+        return self._plan
 
     def __repr__(self):
         return f"LRP({type(self.model).__name__}, composite={self.composite_name}, eps={self.eps}, " \
@@ -246,6 +299,8 @@ class LRP:
         one step's relevance pass holds per map (AttnLRP's attention-sized temporaries): from a
         forward on shapes only (FakeTensorMode), once per input shape."""
         key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if self._shape_plans is not None:
+            return None   # a plan per input shape (its batch size fixed): no per-sample profile
         if key not in self._per_sample:
             sizes, extra, scratch = [], [], []
             for s in self.plan.steps:  # refresh folded weights with real tensors, not fake ones
@@ -339,12 +394,13 @@ class LRP:
                            {n: cat([p.conservation[n] for p in parts]) for n in first.conservation})
 
     def _run(self, x, target, record: bool, keep_layers: bool, group: int = 0) -> Explanation:
-        plan = self.plan
+        plan = self.prepare(x)
         call = graph.forward(plan, x, fuse_pools=not record)
         logits = call.logits
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise RelevanceError(f"LRP: the model output has shape {tuple(getattr(logits, 'shape', ()))}; expected "
                                  f"logits (B, classes) with B = {x.shape[0]}")
+        self._verify(plan, x, logits)
         t, multi = _targets(target, logits)
         b, k = t.shape
 

@@ -1,0 +1,124 @@
+"""Tracing with the input's shape known: for forwards whose Python branches on shapes.
+
+torch.fx's symbolic tracing sees `x.shape[-1] % patch`, `if H != self.img_size:` or a padding
+computed from the size as control flow on a Proxy and gives up, although for one input shape
+every such branch is fixed. Here every Proxy carries an example value (a FakeTensor: shapes,
+dtypes, no data), computed by running each traced call on the examples, and shape queries
+(`.shape`, `.size()`, `.dim()`, `len()`, unpacking a tuple) answer with plain Python values.
+Branches on shapes then resolve while tracing; a branch on data (`if x.sum() > 0`) still fails,
+as it must. The graph holds the shapes as constants: it is valid for that input shape only, and
+lrpfast.LRP keeps one plan per input shape (`LRP._plan_for`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+_SHAPE_ATTRS = ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
+_SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement")
+
+
+def _example(v):
+    return v.node.meta.get("example") if isinstance(v, fx.Proxy) else v
+
+
+class ShapeProxy(fx.Proxy):
+    """A Proxy whose shape questions are answered from its example value."""
+
+    def _ex(self):
+        node = self.__dict__.get("node")
+        return None if node is None else node.meta.get("example")
+
+    def __getattr__(self, k):
+        if k in _SHAPE_ATTRS:
+            ex = self._ex()
+            if isinstance(ex, torch.Tensor):
+                return getattr(ex, k)
+        return super().__getattr__(k)
+
+    def __len__(self):
+        ex = self._ex()
+        if isinstance(ex, (torch.Tensor, tuple, list)):
+            return len(ex)
+        return super().__len__()
+
+    def __iter__(self):
+        ex = self._ex()
+        if isinstance(ex, (tuple, list)) or (isinstance(ex, torch.Tensor) and ex.dim() > 0):
+            return iter([self[i] for i in range(len(ex))])
+        return super().__iter__()
+
+
+class _unpatched_modules:
+    """While fx traces, Module.__call__ and Module.__getattr__ are patched to record calls and
+    hand out proxies for parameters; computing an example runs the real ones."""
+
+    def __enter__(self):
+        from torch.fx import _symbolic_trace as st
+        M = torch.nn.Module
+        self.saved = (M.__call__, M.__getattr__)
+        M.__call__, M.__getattr__ = st._orig_module_call, st._orig_module_getattr
+
+    def __exit__(self, *exc):
+        torch.nn.Module.__call__, torch.nn.Module.__getattr__ = self.saved
+        return False
+
+
+def make_tracer(base: type, example: torch.Tensor):
+    """A subclass of the tracer `base` that traces for `example`'s shape (module docstring)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class ShapeTracer(base):
+        def __init__(self):
+            super().__init__()
+            self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+            self.fake_input = self.mode.from_tensor(example)
+            self.placeholders = 0
+            self.failures = []   # calls that gave no example (their shapes stay symbolic)
+
+        def proxy(self, node):
+            return ShapeProxy(node, self)
+
+        def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+            p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+            value = self._evaluate(kind, target, args, kwargs, p)
+            p.node.meta["example"] = value
+            if value is not None and ((kind == "call_method" and target in _SHAPE_METHODS) or
+                                      (kind == "call_function" and target is getattr and args[1] in _SHAPE_ATTRS)):
+                return value   # a plain int / torch.Size: Python branches on it resolve now
+            return p
+
+        def _evaluate(self, kind, target, args, kwargs, proxy):
+            if kind == "placeholder":
+                self.placeholders += 1
+                if self.placeholders == 1:
+                    return self.fake_input
+                return proxy.node.args[0] if proxy.node.args else None   # an optional argument's default
+            if kind == "get_attr":   # read past fx's patched Module.__getattr__ (it makes proxies)
+                value = self.root
+                for part in target.split("."):
+                    d = value.__dict__
+                    for table in ("_parameters", "_buffers", "_modules"):
+                        if part in d.get(table, {}):
+                            value = d[table][part]
+                            break
+                    else:
+                        value = d.get(part)
+                return value
+            a = fx.node.map_aggregate(args, _example)
+            k = fx.node.map_aggregate(kwargs, _example)
+            with _unpatched_modules(), self.mode, torch.no_grad():
+                try:
+                    if kind == "call_function":
+                        return target(*a, **k)
+                    if kind == "call_method":
+                        return getattr(a[0], target)(*a[1:], **k)
+                    if kind == "call_module":
+                        # forward, not __call__: fx patches Module.__call__ while it traces
+                        return self.root.get_submodule(target).forward(*a, **k)
+                except Exception as exc:  # noqa: BLE001 (no example: shape questions on it fall back to fx's)
+                    self.failures.append(f"{target}: {type(exc).__name__}: {exc}")
+                    return None
+            return None
+
+    return ShapeTracer
