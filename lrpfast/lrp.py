@@ -207,6 +207,8 @@ class LRP:
         key = (tuple(x.shape), x.dtype, x.device)
         if torch.compiler.is_compiling() or key in plan.verified:
             return
+        if not bool(torch.isfinite(logits).all()):
+            return   # a NaN parameter: the map's NaN/Inf check reports it, with the right hint
         with torch.no_grad():
             want = self.model(x)
         if not isinstance(want, torch.Tensor) or want.shape != logits.shape:

@@ -45,7 +45,9 @@ def main(out_dir: str, device: str, change=None) -> int:
         summary = explain_dataset(toy_model(), x, out_dir, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE,
                                   device=device, progress=False, distributed=True)
     except RelevanceError as exc:
-        print(f"rank {os.environ.get('RANK', '?')} error: {exc}", flush=True)
+        # one write per line: the two ranks share the pipe, and print's text and newline are two
+        sys.stdout.write(f"rank {os.environ.get('RANK', '?')} error: {exc}\n")
+        sys.stdout.flush()
         return 3
     print(f"rank {summary['rank']}/{summary['world_size']} wrote shards {summary['shards_written']} "
           f"(backend {summary['backend']})", flush=True)

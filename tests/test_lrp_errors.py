@@ -117,7 +117,6 @@ class Pair(nn.Module):
      r"node '_1' calls module '1' \(InstanceNorm1d\), which has no relevance rule"),
     (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), r"padding_mode='reflect'"),
     (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval(), "no running statistics"),
-    (Branchy(), r"could not trace Branchy with torch.fx"),
     (TwoInputs(), r"more than one input"),
     (Pair(), r"must return one tensor of logits"),
 ])
@@ -202,3 +201,10 @@ def test_float16_overflow_is_reported_with_a_hint():
         lrpfast.LRP(model.half(), eps=1e-7, init="onehot")(x.half(), 0)
     r = lrpfast.LRP(model.bfloat16(), eps=1e-7, init="onehot")(x.bfloat16(), 0)
     assert torch.isfinite(r).all() and r.abs().max() > 1
+
+
+def test_data_dependent_branch_is_refused_at_the_first_call():
+    """Symbolic tracing fails; the per-shape trace resolves shapes but not data: refused at the call."""
+    lrp = lrpfast.LRP(Branchy())
+    with pytest.raises(RelevanceError, match=r"could not trace Branchy with torch.fx.*depends on the data"):
+        lrp(torch.randn(2, 4))
