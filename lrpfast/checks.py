@@ -123,35 +123,41 @@ def _random_or_batch_dependent(m: torch.nn.Module) -> bool:
 
 
 def training_modes(model: torch.nn.Module) -> dict:
-    """The training flag of every module whose forward reads it (LRP records it at the trace)."""
-    return {name: m.training for name, m in model.named_modules() if _forward_reads_training(m)}
+    """name -> (module, its training flag) for every module whose forward reads the flag (LRP
+    records them at the trace)."""
+    return {name: (m, m.training) for name, m in model.named_modules() if _forward_reads_training(m)}
 
 
-def check_explained_function(model: torch.nn.Module, traced_modes: Optional[dict] = None, where: str = "LRP") -> None:
+def check_explained_function(model, traced_modes: Optional[dict] = None, where: str = "LRP") -> None:
     """What LRP explains is the model's forward as traced, deterministic, without hooks. A forward
     hook or pre-hook that could change an output, a module in training mode whose output is random
     or depends on the batch (dropout, BatchNorm's batch statistics), or a module whose forward
     reads self.training switched to the other mode since the trace would make the map explain
     another function than `model(x)`: refused, naming the module (issue 14, defect 3). Cheap: a
-    look at each module's flags."""
+    look at each module's flags. `model`: the module, or its named_modules() as a list (LRP keeps
+    one, so a call does not walk the module tree)."""
     from torch.nn.modules import module as _module
 
     if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
         raise RelevanceError(f"{where}: a global forward hook is registered (torch.nn.modules.module."
                              "register_module_forward_hook); LRP explains the model's own forward and cannot "
                              "follow what the hook changes: remove it first")
-    for name, m in model.named_modules():
-        label = f"module {name or '(the model)'!r} ({type(m).__name__})"
+    modules = model.named_modules() if isinstance(model, torch.nn.Module) else model
+    label = lambda name, m: f"module {name or '(the model)'!r} ({type(m).__name__})"  # noqa: E731
+    for name, m in modules:
+        if not (m._forward_hooks or m._forward_pre_hooks or m.training):
+            continue
         if m._forward_hooks or m._forward_pre_hooks:
             kind = "forward hook" if m._forward_hooks else "forward pre-hook"
-            raise RelevanceError(f"{where}: {label} has a {kind}; LRP explains the model's own forward and cannot "
+            raise RelevanceError(f"{where}: {label(name, m)} has a {kind}; LRP explains the model's own forward and cannot "
                                  "follow what a hook changes: remove it (handle.remove()) or make it part of a "
                                  "module's forward")
         if m.training and _random_or_batch_dependent(m):
-            raise RelevanceError(f"{where}: {label} is in training mode, where its output is random or depends on "
+            raise RelevanceError(f"{where}: {label(name, m)} is in training mode, where its output is random or depends on "
                                  "the batch (dropout, batch statistics); LRP explains a deterministic function: "
                                  "call model.eval() first")
-        if traced_modes is not None and traced_modes.get(name, m.training) != m.training:
-            raise RelevanceError(f"{where}: {label} was switched to {'training' if m.training else 'eval'} mode "
+    for name, (m, was) in (traced_modes or {}).items():
+        if m.training != was:
+            raise RelevanceError(f"{where}: {label(name, m)} was switched to {'training' if m.training else 'eval'} mode "
                                  "after LRP(model) traced it, and its forward depends on the mode: build a new "
                                  "LRP(model) for this mode")

@@ -177,7 +177,8 @@ class LRP:
         self.batch_size = batch_size
         self.memory_budget = _parse_budget(memory_budget)
         rule_for, self.composite_name = _rule_resolver(composite, self.eps, stabilizer, composite_params)
-        checks.check_explained_function(model)
+        self._modules = list(model.named_modules())
+        checks.check_explained_function(self._modules)
         self._traced_modes = checks.training_modes(model)
         self._build = lambda example=None: graph.build_plan(model, rule_for, self.eps, stabilizer, attention, example)
         self._shape_plans: Optional[dict] = None   # input shape -> plan, for forwards that branch on shapes
@@ -359,7 +360,7 @@ class LRP:
 
     def _explain(self, x, target, record: bool, keep_layers: bool) -> Explanation:
         if not torch.compiler.is_compiling():
-            checks.check_explained_function(self.model, self._traced_modes)   # hooks added, train() since
+            checks.check_explained_function(self._modules, self._traced_modes)   # hooks added, train() since
         self._check_input(x)
         b = x.shape[0]
         t_all = target
