@@ -115,6 +115,8 @@ def check(timm, name, seconds):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", help="comma-separated timm modules (default: all)")
+    ap.add_argument("--skip", default="", help="comma-separated modules to leave out (e.g. deepseek_vit: 412M "
+                                               "parameters, minutes in float64 on 2 cores)")
     ap.add_argument("--limit", type=int, default=40, help="variants per family to size up (default 40)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per model (default 120)")
     ap.add_argument("--json", help="write the rows here too")
@@ -127,6 +129,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     fams = args.families.split(",") if args.families else sorted(timm.list_modules())
+    fams = [f for f in fams if f not in args.skip.split(",")]
     variants = smallest_variants(timm, fams, args.limit)
     rows, counts = [], {}
     print(f"timm {timm.__version__}, torch {torch.__version__}: {len(variants)} families")
