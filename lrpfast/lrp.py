@@ -51,9 +51,7 @@ class Explanation:
 def _parse_budget(v) -> Optional[int]:
     """None, or a positive finite number of bytes / a size string ("2GiB", "512MB", "1.5G"):
     anything else is a RelevanceError naming memory_budget and what it may be."""
-    from .checks import parse_budget
-
-    return parse_budget(v)
+    return checks.parse_budget(v)
 
 
 def _rule_resolver(composite, eps, stabilizer, params):
@@ -92,9 +90,7 @@ def _targets(target, logits: torch.Tensor):
     b, classes = logits.shape
     if target is None:
         return logits.argmax(1, keepdim=True), False
-    from .checks import as_target
-
-    target = as_target(target)  # strings, bools, floats, beyond-int64 lists: a clear error naming target
+    target = checks.as_target(target)  # strings, bools, floats, beyond-int64 lists: a clear error naming target
     if isinstance(target, int):
         if not 0 <= target < classes:  # before torch.full: 10**30 would overflow int64 there
             raise RelevanceError(f"LRP: target {target} is out of range for {classes} classes "
@@ -205,7 +201,9 @@ class LRP:
         """Once per plan and input shape: the traced graph's logits are model(x). A trace that fixed
         something the forward computes from the data, or anything else that makes the graph another
         function, is refused here instead of explained (one extra forward per new shape)."""
-        key = (tuple(x.shape), x.dtype, x.device)
+        # a shape-agnostic plan is the same graph for every batch size: check it once per sample shape
+        shape = tuple(x.shape) if self._shape_plans is not None else tuple(x.shape[1:])
+        key = (shape, x.dtype, x.device)
         if torch.compiler.is_compiling() or key in plan.verified:
             return
         if not bool(torch.isfinite(logits).all()):
@@ -220,7 +218,7 @@ class LRP:
         gap = ((want - logits).abs().max() / scale).item()
         if not gap <= tol:
             if self._shape_plans is not None:
-                self._shape_plans.pop(key, None)
+                self._shape_plans.pop((tuple(x.shape), x.dtype, x.device), None)
             raise RelevanceError(f"LRP: the graph traced from {type(self.model).__name__} does not reproduce model(x) "
                                  f"for input shape {tuple(x.shape)} (largest difference {gap:.2e} of the largest "
                                  "logit): its forward depends on something the trace fixed (data-dependent Python, "
@@ -274,18 +272,23 @@ class LRP:
         if x.is_meta:
             raise RelevanceError("LRP: x is on the meta device (a shape without data); give x real data on the "
                                  "model's device")
-        if not torch.compiler.is_compiling():
-            from itertools import chain
-
-            meta = next((n for n, p in chain(self.model.named_parameters(), self.model.named_buffers())
-                         if p.is_meta), None)
-            if meta is not None:
-                raise RelevanceError(f"LRP: the model's parameter or buffer {meta!r} is on the meta device (no data); "
-                                     "materialise the model first (model.to_empty(device=...) and load_state_dict)")
         ref = next(iter(self.model.parameters()), None)
         if ref is not None and (ref.dtype != x.dtype or ref.device != x.device):
+            self._refuse_meta_tensors()
             raise RelevanceError(f"LRP: x is {x.dtype} on {x.device}, but the model's parameters are {ref.dtype} on "
                                  f"{ref.device}; move one to the other")
+
+    def _refuse_meta_tensors(self):
+        """On a failure path only (walking every tensor costs 0.3 ms a call on resnet50): a
+        parameter or buffer on the meta device, named."""
+        for prefix, m in self._modules:
+            for kind in ("_parameters", "_buffers"):
+                for n, p in getattr(m, kind).items():
+                    if p is not None and p.is_meta:
+                        name = f"{prefix}.{n}" if prefix else n
+                        raise RelevanceError(f"LRP: the model's parameter or buffer {name!r} is on the meta device (no "
+                                             "data); materialise the model first (model.to_empty(device=...) and "
+                                             "load_state_dict)")
 
     # ------------------------------------------------------------------------- scheduling
     # On CPU, a tensor the allocator hands out from fresh pages costs about as much again as the
@@ -306,18 +309,21 @@ class LRP:
             return None   # a plan per input shape (its batch size fixed): no per-sample profile
         if key not in self._per_sample:
             sizes, extra, scratch = [], [], []
-            for s in self.plan.steps:  # refresh folded weights with real tensors, not fake ones
-                if isinstance(s, N.ContractionStep):
-                    s.params()
+            try:
+                for s in self.plan.steps:  # refresh folded weights with real tensors, not fake ones
+                    if isinstance(s, N.ContractionStep):
+                        s.params()
+            except RuntimeError:
+                self._refuse_meta_tensors()
+                raise
             x1 = x[:1]
             try:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
-                from .checks import quiet_fake_tensor_errors
-
                 # a wrong-shaped x fails here first: torch would log the meta kernel's traceback at
                 # ERROR level before the clean error of the call itself (issue 14)
-                with torch.no_grad(), quiet_fake_tensor_errors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                with torch.no_grad(), checks.quiet_fake_tensor_errors(), \
+                        FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     graph.forward(self.plan, mode.from_tensor(x1), sizes=sizes, extra=extra, scratch=scratch)
             except Exception:  # noqa: BLE001 (an op without a fake kernel: measure for real)
                 sizes, extra, scratch = [], [], []
@@ -398,7 +404,11 @@ class LRP:
 
     def _run(self, x, target, record: bool, keep_layers: bool, group: int = 0) -> Explanation:
         plan = self.prepare(x)
-        call = graph.forward(plan, x, fuse_pools=not record)
+        try:
+            call = graph.forward(plan, x, fuse_pools=not record)
+        except RelevanceError:
+            self._refuse_meta_tensors()   # the clearer message, when that is the cause
+            raise
         logits = call.logits
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise RelevanceError(f"LRP: the model output has shape {tuple(getattr(logits, 'shape', ()))}; expected "

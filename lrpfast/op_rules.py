@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .nodes import DENSE, LAZY, Msg, _EpsilonStep, divide, materialize, per_sample
+from .nodes import DENSE, LAZY, Msg, _EpsilonStep, materialize, per_sample
 from .ops import RelevanceError
 
 COPY, LINEAR, BILINEAR = "copy", "linear", "bilinear"
@@ -141,8 +141,6 @@ def _einsum_check(args, kwargs, xs, computed):
     return None
 
 
-_interp_kind = LINEAR
-
 FUNCTIONS = {
     operator.neg: OpRule(LINEAR, _none),
     torch.neg: OpRule(LINEAR, _none),
@@ -172,12 +170,8 @@ METHODS = {
     "repeat": OpRule(COPY, _repeat_dims, sign_preserving=True),
     "roll": OpRule(COPY, _roll_dims, sign_preserving=True),
     "flip": OpRule(COPY, _flip_dims, sign_preserving=True),
-    "float": OpRule(COPY, _none, sign_preserving=True),
-    "double": OpRule(COPY, _none, sign_preserving=True),
-    "half": OpRule(COPY, _none, sign_preserving=True),
-    "bfloat16": OpRule(COPY, _none, sign_preserving=True),
-    "to": OpRule(COPY, _none, sign_preserving=True),
-    "type_as": OpRule(COPY, _none, sign_preserving=True),
+    **{cast: OpRule(COPY, _none, sign_preserving=True) for cast in ("float", "double", "half", "bfloat16", "to",
+                                                                     "type_as")},
     "matmul": OpRule(BILINEAR, check=_matmul_check),
     "bmm": OpRule(BILINEAR, check=_matmul_check),
     "masked_fill": OpRule(COPY, _none),
@@ -234,10 +228,6 @@ if hasattr(F, "rms_norm"):
 
 
 # ---- modules that are one of the ops above: (op rule, the functional call of the module)
-def _module_call(m):
-    return lambda x: m(x)
-
-
 MODULES = {
     torch.nn.GroupNorm: (FUNCTIONS[F.group_norm],
                          lambda m: (F.group_norm, (m.num_groups, m.weight, m.bias, m.eps))),

@@ -22,7 +22,6 @@ The model's hooks run as in a normal call; its parameters are read detached.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -79,11 +78,7 @@ class _DetachRules(TorchFunctionMode):
             x = args[0]
             if "inplace" in kwargs:
                 kwargs["inplace"] = False
-            fn = getattr(torch, base, None) if base != name else func
-            if fn is None or base in ("relu6", "leaky_relu", "elu", "gelu", "silu", "mish", "hardswish",
-                                      "softsign", "celu", "selu", "softplus", "hardsigmoid", "hardtanh",
-                                      "rrelu", "logsigmoid", "tanhshrink", "prelu"):
-                fn = getattr(F, base)
+            fn = func if name == base else getattr(F, base)   # an in-place variant: its functional twin
             xc = x.clone() if inplace else x
             y = _ratio_form(xc, fn(xc, *args[1:], **kwargs))
             return x.copy_(y) if inplace else y
