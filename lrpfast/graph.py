@@ -434,7 +434,6 @@ def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
             step.load = lambda env, a, k, step=step: ((env[step.src],), {})
             return add(step, node, first_node_arg(node))
         m = m.module
-    steps = plan.steps
     if isinstance(m, nn.MultiheadAttention):
         return _attention_step(plan, node, m, index, add, eps, stabilizer)
     src = first_node_arg(node)
@@ -446,13 +445,7 @@ def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
         return add(step, node, src)
     if isinstance(m, canonize.BATCH_NORMS):
         canonize.check_batch_norm(node.name, m)
-        producer = steps[index[src]]
-        if isinstance(producer, N.ContractionStep) and producer.bn is None and len(src.users) == 1:
-            producer.bn, producer.bn_name = m, node.name
-            producer.op += f" + {type(m).__name__} (folded)"
-            index[node] = producer.index  # the BatchNorm node is the (folded) layer from now on
-            return producer
-        return add(N.BatchNormStep(node.name, m, eps, stabilizer), node, src)
+        return _batch_norm_step(plan, node, index, add, m, type(m).__name__, src, eps, stabilizer)
     for table, make in ((_MAXPOOL, "max"), (_ADAPTIVE_MAX, "amax")):
         for cls, dims in table.items():
             if isinstance(m, cls):
@@ -599,18 +592,6 @@ def _module_path(node: fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else node.name
 
 
-def _const_arg(plan, node, index, what, a, required=True):
-    """A step index (a parameter/buffer or a tensor computed from them only), None, or a tensor."""
-    if a is None and not required:
-        return None
-    if isinstance(a, fx.Node) and isinstance(plan.steps[index[a]], N.ConstStep):
-        return index[a]
-    if isinstance(a, torch.Tensor):
-        return a
-    raise RelevanceError(f"LRP: node {node.name!r} ({_target_name(node)}){where(node)}: {what} is computed from "
-                         "the input; only constant (parameter/buffer) values are supported there")
-
-
 def _functional_contraction_step(plan, node, index, add, dims):
     """F.linear / F.conv1d/2d/3d with a constant weight: a Linear/Conv layer under the composite's
     rule, its weight read from the graph at every call (ContractionStep.load_wb)."""
@@ -629,13 +610,13 @@ def _functional_contraction_step(plan, node, index, add, dims):
             raise RelevanceError(f"LRP: node {node.name!r} ({_target_name(node)}){where(node)}: {exc}") from exc
     if not isinstance(b["input"], fx.Node):
         raise RelevanceError(f"LRP: node {node.name!r} ({_target_name(node)}){where(node)} needs a tensor input")
-    w = _const_arg(plan, node, index, "the weight", b["weight"])
-    bias = _const_arg(plan, node, index, "the bias", b["bias"], required=False)
+    w = _constant_tensor(plan, node, index, "the weight", b["weight"])
+    bias = _constant_tensor(plan, node, index, "the bias", b["bias"])
     step = N.ContractionStep(node.name, geometry, "linear" if dims == 0 else "conv", None)
     step.op = _target_name(node)
     step.module_path = _module_path(node)
-    value = lambda env, v: env[v] if isinstance(v, int) else v  # noqa: E731
-    step.load_wb = lambda env: (value(env, w), None if bias is None else value(env, bias))
+    value = lambda env, v: env[v.i] if isinstance(v, _Ref) else v  # noqa: E731
+    step.load_wb = lambda env: (value(env, w), value(env, bias))
     return add(step, node, b["input"])
 
 
@@ -670,16 +651,22 @@ def _functional_batch_norm_step(plan, node, index, add, eps, stabilizer):
             raise RelevanceError(f"LRP: {culprit}: {k} must be a parameter or buffer of the model")
     bn = _BatchNormArgs(vals["running_mean"], vals["running_var"], vals["weight"], vals["bias"],
                         float(_constant(node, "eps", b["eps"])))
-    src = b["input"]
+    return _batch_norm_step(plan, node, index, add, bn, "F.batch_norm", b["input"], eps, stabilizer)
+
+
+def _batch_norm_step(plan, node, index, add, bn, label, src, eps, stabilizer):
+    """An eval BatchNorm (module, or F.batch_norm's arguments): folded into the Linear/Conv module
+    before it when nothing else reads that layer's output, else a per-channel affine ε step. A
+    functional layer reads its weight from the graph at every call, so it takes no fold."""
     producer = plan.steps[index[src]]
     if isinstance(producer, N.ContractionStep) and producer.bn is None and producer.load_wb is None \
             and len(src.users) == 1:
         producer.bn, producer.bn_name = bn, node.name
-        producer.op += " + F.batch_norm (folded)"
-        index[node] = producer.index
+        producer.op += f" + {label} (folded)"
+        index[node] = producer.index  # the BatchNorm node is the (folded) layer from now on
         return producer
     step = N.BatchNormStep(node.name, bn, eps, stabilizer)
-    step.op = "F.batch_norm"
+    step.op = label
     return add(step, node, src)
 
 

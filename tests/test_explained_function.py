@@ -298,3 +298,13 @@ def test_deterministic_dropout_in_training_mode_is_explained():
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.0), nn.ReLU(), nn.Linear(6, 3)).to(F64).train()
     assert_explains_model(model, torch.randn(3, 4, dtype=F64))
+
+
+def test_batchnorm_module_after_a_functional_conv_is_not_folded_into_it():
+    """A functional conv reads its weight from the graph at every call, so a BatchNorm module after
+    it must stay an affine step: folding it there would drop it (the model(x) check refused this)."""
+    torch.manual_seed(10)
+    model = randomize_batch_norm(nn.Sequential(StdConv(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                               nn.Flatten(), nn.Linear(6 * 36, 3))).to(F64).eval()
+    assert_explains_model(model, torch.randn(2, 3, 6, 6, dtype=F64))
+    assert "BatchNorm2d (folded)" not in lrpfast.LRP(model).plan.describe()
