@@ -37,6 +37,9 @@ from . import layers as rel_layers
 from . import nodes as N
 from . import op_rules, shape_trace
 from . import transformer as T
+# Activations (LRP's pass rule) are a table of their own, shared with torch_transformers.py.
+from .activations import (ACTIVATIONS as _ACTIVATIONS, FUNCTIONAL_ACTIVATIONS as _FUNCTIONAL_ACTIVATIONS,
+                          METHOD_ACTIVATIONS as _METHOD_ACTIVATIONS, RELU_FUNCTIONS as _RELU_FUNCTIONS)
 from .torch_transformers import slow_path as _slow_path
 from .ops import RelevanceError
 
@@ -49,23 +52,6 @@ _ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAv
 _ADAPTIVE_MAX = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
             nn.Identity)
-# Activations: relevance passes (LRP's pass rule). Value: f(0) == 0, and f(x) >= 0 everywhere.
-_ACTIVATIONS = {
-    nn.ReLU: (True, True), nn.ReLU6: (True, True), nn.LeakyReLU: (True, False), nn.ELU: (True, False),
-    nn.GELU: (True, False), nn.SiLU: (True, False), nn.Mish: (True, False), nn.Hardswish: (True, False),
-    nn.Tanh: (True, False), nn.Softsign: (True, False), nn.PReLU: (True, False), nn.CELU: (True, False),
-    nn.SELU: (True, False), nn.Sigmoid: (False, True), nn.Softplus: (False, True), nn.Hardsigmoid: (False, True),
-    nn.Hardtanh: (True, False),
-}
-_FUNCTIONAL_ACTIVATIONS = {
-    F.relu6: (True, True), F.leaky_relu: (True, False), F.elu: (True, False), F.gelu: (True, False),
-    F.silu: (True, False), F.mish: (True, False), F.hardswish: (True, False), F.hardtanh: (True, False),
-    torch.tanh: (True, False), F.tanh: (True, False), torch.sigmoid: (False, True), F.sigmoid: (False, True),
-    F.softplus: (False, True), F.hardsigmoid: (False, True), F.selu: (True, False), F.celu: (True, False),
-}
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
-_METHOD_ACTIVATIONS = {"relu": (True, True), "relu_": (True, True), "tanh": (True, False),
-                       "sigmoid": (False, True), "tanh_": (True, False), "sigmoid_": (False, True)}
 _IDENTITY_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 _IDENTITY_METHODS = ("contiguous", "clone", "detach")
 _RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)

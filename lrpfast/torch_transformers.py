@@ -14,6 +14,7 @@ import operator
 import torch
 import torch.nn as nn
 
+from .activations import FUNCTIONAL_ACTIVATIONS, RELU_FUNCTIONS
 from .ops import RelevanceError
 
 
@@ -45,9 +46,7 @@ def _attend(tracer, p, which, mha, dropout, q, kv, mask, padding, is_causal):
 def _feed_forward(tracer, p, m, x, dropout):
     h = m.linear1(x)
     act = m.activation
-    from .graph import _FUNCTIONAL_ACTIVATIONS, _RELU_FUNCTIONS  # late: graph.py imports this module
-
-    if not isinstance(act, nn.Module) and any(act is f for f in (*_RELU_FUNCTIONS, *_FUNCTIONAL_ACTIVATIONS)):
+    if not isinstance(act, nn.Module) and any(act is f for f in (*RELU_FUNCTIONS, *FUNCTIONAL_ACTIVATIONS)):
         h = _named(tracer, f"{p}_activation", act, h)   # F.relu / F.gelu (activation="relu"/"gelu")
     else:
         h = act(h)  # a module (a node named by its path) or a function, traced as written

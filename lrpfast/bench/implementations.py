@@ -15,7 +15,6 @@ the table, never a crash). Peers (zennit, captum) live in peers.py.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
 import torch
@@ -23,40 +22,10 @@ import torch.nn as nn
 
 from .. import _ext
 from .. import layers as L
+from .impl import Impl, Skip, Workload, initial_relevance  # noqa: F401  (re-exported: runner, tests)
+from .peers import captum_impl, zennit_impl
 from .seed_baseline import SEED_EPS, SeedStyleLRP
 from .workloads import chain_layers
-
-
-class Skip(Exception):
-    """This implementation does not apply to this workload; the message says why."""
-
-
-@dataclass
-class Workload:
-    model_name: str
-    model: nn.Module  # eval mode, benchmark dtype and device; shared, never modified
-    x: torch.Tensor
-    target: torch.Tensor  # (B,) int64
-    composite: str  # "epsilon" or a zennit composite name
-    eps: float = 1e-6
-    stabilizer: str = "sign"
-    init: str = "logit"  # initial relevance: target logit ("logit") or 1 ("onehot") at the target
-    params: Dict[str, float] = field(default_factory=dict)  # composite parameters (low, high, gamma)
-
-
-@dataclass
-class Impl:
-    name: str
-    call: Callable[[], torch.Tensor]
-    note: str = ""
-    close: Callable[[], None] = lambda: None
-    is_relevance: bool = True  # False for the floor: a gradient, compared with the float64 gradient
-
-
-def initial_relevance(logits: torch.Tensor, target: torch.Tensor, init: str) -> torch.Tensor:
-    """The relevance at the output: one-hot at the target, times the logit for init="logit"."""
-    onehot = torch.zeros_like(logits).scatter_(1, target.view(-1, 1), 1)
-    return onehot * logits if init == "logit" else onehot
 
 
 def floor(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -186,14 +155,10 @@ def _floor(w: Workload) -> Impl:
 
 
 def _zennit(w: Workload) -> Impl:
-    from .peers import zennit_impl
-
     return zennit_impl(w)
 
 
 def _captum(w: Workload) -> Impl:
-    from .peers import captum_impl
-
     return captum_impl(w)
 
 

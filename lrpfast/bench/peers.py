@@ -13,7 +13,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .implementations import Impl, Skip, Workload, initial_relevance
+from .impl import Impl, Skip, Workload, initial_relevance
 from .workloads import chain_layers
 
 
