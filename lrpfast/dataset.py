@@ -24,6 +24,9 @@ is an error naming the sample or the shards (resume=False, the CLI's --no-resume
 verify_data=False skips the data checks (a dataset that is not deterministic, or too costly to
 read twice). Every rank checks its own shards and all ranks stop with the same message.
 
+The loop (run_sharded) drives any ShardTask: explain_dataset's maps are one, the concept index of
+lrpfast.crp.maximization another, with the same resume checks and torchrun split.
+
 Under torchrun the process group is created here when the caller has none (gloo for CPU, NCCL
 for CUDA devices); each rank uses cuda:LOCAL_RANK when CUDA is available and no device is given.
 """
@@ -330,7 +333,8 @@ def shard_path(out_dir: str, s: int) -> str:
 _START_OVER = "use resume=False (CLI: --no-resume) to start over, or another out_dir"
 
 
-def _check_out_dir(out_dir: str, config: dict, data: Optional[dict], resume: bool) -> Optional[str]:
+def _check_out_dir(out_dir: str, config: dict, data: Optional[dict], resume: bool,
+                   who: str = "explain_dataset") -> Optional[str]:
     """Rank 0, before any work: check the manifest of an earlier run against these settings and
     the data fingerprint (data None: not checked); with resume=False remove the earlier run's
     shards. Returns an error message, or None. The manifest itself is written later
@@ -343,22 +347,22 @@ def _check_out_dir(out_dir: str, config: dict, data: Optional[dict], resume: boo
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as exc:
-            return f"explain_dataset: cannot read {path} ({exc}); remove it or use another out_dir"
+            return f"{who}: cannot read {path} ({exc}); remove it or use another out_dir"
         if old.get("config") != config:
             diff = sorted(k for k in set(config) | set(old.get("config", {}))
                           if config.get(k) != old.get("config", {}).get(k))
-            return (f"explain_dataset: {out_dir} holds a run with other settings (differs in {', '.join(diff)}); "
+            return (f"{who}: {out_dir} holds a run with other settings (differs in {', '.join(diff)}); "
                     "use another out_dir, or resume=False to overwrite it")
         if data is not None:
             before = old.get("data")
             if not isinstance(before, dict):
-                return (f"explain_dataset: {out_dir} holds a run without a data fingerprint (written by an older "
+                return (f"{who}: {out_dir} holds a run without a data fingerprint (written by an older "
                         f"lrpfast), so its shards cannot be checked against the data; {_START_OVER} "
                         "(or verify_data=False to reuse them unchecked)")
             changed = [f"{which} sample ({i})" for which, i in (("first", 0), ("last", config["n_samples"] - 1))
                        if before.get(which) != data.get(which)]
             if changed:
-                return (f"explain_dataset: the data changed since the run in {out_dir} was started: the "
+                return (f"{who}: the data changed since the run in {out_dir} was started: the "
                         f"{' and the '.join(changed)} {'differ' if len(changed) > 1 else 'differs'} from the "
                         f"recorded fingerprint (the sample count, "
                         f"{config['n_samples']}, is the same); its shards were computed from other inputs. "
@@ -425,15 +429,90 @@ def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *,
     torchrun's job when launched by it), True (require it) or False. The model is put in eval mode and moved
     to the device (under torchrun without a device: cuda:LOCAL_RANK when every local rank has a
     GPU). Returns a summary dict of this rank's work."""
+    task = _MapsTask(Targets(target, len(_as_dataset(data)[0])), eps, composite, lrp_kwargs, storage_dtype, keep_logits)
+    return run_sharded(task, model, data, out_dir, batch_size=batch_size, shard_size=shard_size, device=device,
+                       transform=transform, resume=resume, verify_data=verify_data, distributed=distributed,
+                       num_workers=num_workers, progress=progress)
+
+
+class ShardTask:
+    """What a sharded run computes (run_sharded drives it; explain_dataset's maps are one task,
+    lrpfast.crp.maximization's top-N concept index another). Every rank calls setup once, after
+    the model is on its device; then batch() per batch of its shards and shard() when a shard's
+    batches are done (its dict is written to the shard file, with the shard's indices, rank and
+    inputs hash); rank 0 calls finish() once every shard is on disk, before the manifest is
+    marked complete."""
+
+    name = "explain_dataset"   # the prefix of error messages
+    desc = "explaining"        # the progress bar's label
+
+    def setup(self, model: nn.Module, device: torch.device) -> dict:
+        """The settings that must match for a run to resume (JSON-able; the model fingerprint is added)."""
+        raise NotImplementedError
+
+    def batch(self, model: nn.Module, x: torch.Tensor, labels, rows: list):
+        raise NotImplementedError
+
+    def shard(self, parts: list) -> dict:
+        raise NotImplementedError
+
+    def finish(self, out_dir: str, n: int, shard_size: int, n_shards: int) -> None:
+        pass
+
+
+class _MapsTask(ShardTask):
+    """explain_dataset: the relevance maps themselves, with targets and logits."""
+
+    def __init__(self, targets, eps, composite, lrp_kwargs, storage_dtype, keep_logits):
+        self.targets, self.eps, self.composite, self.lrp_kwargs = targets, eps, composite, lrp_kwargs
+        self.storage_dtype, self.keep_logits = storage_dtype, keep_logits
+
+    def setup(self, model, device):
+        self.lrp = make_lrp(model, eps=self.eps, composite=self.composite, **(self.lrp_kwargs or {}))
+        t, composite = self.targets, self.composite
+        return {"target": t.describe(),
+                "target_tensor": (hashlib.sha256(t.value.cpu().numpy().tobytes()).hexdigest()[:16]
+                                  if t.kind == "tensor" else None),
+                "eps": self.eps, "composite": composite if composite is None or isinstance(composite, str) else repr(composite),
+                "lrp_kwargs": {k: repr(v) for k, v in sorted((self.lrp_kwargs or {}).items())},
+                "storage_dtype": str(self.storage_dtype) if self.storage_dtype else None}
+
+    def batch(self, model, x, labels, rows):
+        res = self.lrp.explain(x, self.targets(model, x, labels, rows))
+        rel = res.relevance.detach()
+        return {"relevance": (rel.to(self.storage_dtype) if self.storage_dtype else rel).cpu(),
+                "targets": res.targets.detach().cpu(),
+                "logits": res.logits.detach().cpu() if self.keep_logits else None}
+
+    def shard(self, parts):
+        return {"relevance": torch.cat([p["relevance"] for p in parts]),
+                "targets": torch.cat([p["targets"] for p in parts]),
+                "logits": torch.cat([p["logits"] for p in parts]) if self.keep_logits else None}
+
+    def finish(self, out_dir, n, shard_size, n_shards):
+        idx = torch.arange(n)
+        _write_atomic({"shard": (idx // shard_size).int(), "offset": (idx % shard_size).int(),
+                       "shard_files": [os.path.basename(shard_path(out_dir, s)) for s in range(n_shards)]},
+                      os.path.join(out_dir, INDEX))
+
+
+def run_sharded(task: ShardTask, model: nn.Module, data, out_dir, *, batch_size: Optional[int] = None,
+                shard_size: int = 1024, device=None, transform: Optional[Callable] = None, resume: bool = True,
+                verify_data: bool = True, distributed="auto", num_workers: Optional[int] = None,
+                progress: bool = True) -> dict:
+    """The sharded, resumable, torchrun-aware loop behind explain_dataset (module docstring), for
+    any ShardTask: shards of shard_size samples in dataset order, shard s on rank s mod world, each
+    written atomically with its inputs hash; a rerun skips finished shards after checking the
+    settings, the model and the data. Returns a summary dict of this rank's work."""
     t_start = time.perf_counter()
     out_dir = os.fspath(out_dir)
+    who = task.name
     dataset, loader_bs, loader_workers, collate_fn = _as_dataset(data)
     batch_size = int(batch_size or loader_bs or 64)
     num_workers = loader_workers if num_workers is None else num_workers
     if shard_size < 1 or batch_size < 1:
-        raise RelevanceError(f"explain_dataset: shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+        raise RelevanceError(f"{who}: shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
     n = len(dataset)
-    targets = Targets(target, n)
 
     rank, world, created, device = _setup_distributed(distributed, device)
     together = False  # every rank is at the same step, with the same verdict (see the finally)
@@ -448,17 +527,10 @@ def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *,
             device = p.device if p is not None else torch.device("cpu")
         device = torch.device(device)
         model = model.to(device).eval()
-        lrp = make_lrp(model, eps=eps, composite=composite, **(lrp_kwargs or {}))
-        config = {"n_samples": n, "shard_size": shard_size,
-                  "target": targets.describe(),
-                  "target_tensor": (hashlib.sha256(targets.value.cpu().numpy().tobytes()).hexdigest()[:16]
-                                    if targets.kind == "tensor" else None),
-                  "eps": eps, "composite": composite if composite is None or isinstance(composite, str) else repr(composite),
-                  "lrp_kwargs": {k: repr(v) for k, v in sorted((lrp_kwargs or {}).items())},
-                  "storage_dtype": str(storage_dtype) if storage_dtype else None,
+        config = {"n_samples": n, "shard_size": shard_size, **task.setup(model, device),
                   "model": model_fingerprint(model)}
         data = data_fingerprint(dataset) if rank == 0 else None
-        error = _check_out_dir(out_dir, config, data if verify_data else None, resume) if rank == 0 else None
+        error = _check_out_dir(out_dir, config, data if verify_data else None, resume, who) if rank == 0 else None
         error = _broadcast_error(error, world)  # also: rank 0 removed stale shards before anyone looks
         if error:
             together = True
@@ -475,17 +547,16 @@ def explain_dataset(model: nn.Module, data, out_dir: Union[str, os.PathLike], *,
         bad = sorted(b for part in _gather(bad, world) for b in part)
         if bad:
             together = True
-            raise RelevanceError(_changed_shards_message(out_dir, bad, n, shard_size))
+            raise RelevanceError(_changed_shards_message(out_dir, bad, n, shard_size, who))
         if rank == 0:
             _write_manifest(out_dir, config, data)
-        written = _run_shards(model, lrp, dataset, todo, n, shard_size, batch_size, num_workers, collate_fn, device,
-                              targets, transform, storage_dtype, keep_logits, out_dir, rank, world,
-                              progress and rank == 0)
+        written = _run_shards(task, model, dataset, todo, n, shard_size, batch_size, num_workers, collate_fn, device,
+                              transform, out_dir, rank, world, progress and rank == 0)
         _barrier(world)
         error = None
         if rank == 0:
             try:
-                _finish(out_dir, n, shard_size, n_shards, world)
+                _finish(task, out_dir, n, shard_size, n_shards, world)
             except RelevanceError as exc:
                 error = str(exc)
         error = _broadcast_error(error, world)  # also the final synchronisation
@@ -560,7 +631,7 @@ def _verify_shards(dataset, shards, n, shard_size, batch_size, num_workers, coll
     return bad
 
 
-def _changed_shards_message(out_dir, bad, n, shard_size) -> str:
+def _changed_shards_message(out_dir, bad, n, shard_size, who="explain_dataset") -> str:
     def where(s):
         last = min(n, (s + 1) * shard_size) - 1
         return f"shard {s} ({os.path.basename(shard_path(out_dir, s))}, samples {s * shard_size}..{last})"
@@ -576,17 +647,18 @@ def _changed_shards_message(out_dir, bad, n, shard_size) -> str:
     if other:
         parts.append("cannot check " + "; ".join(f"{where(s)}: {why}" for s, why in other[:5])
                      + (f"; and {len(other) - 5} more" if len(other) > 5 else ""))
-    return (f"explain_dataset: {out_dir}: " + ". Also ".join(parts) + f". Reusing them would mix results of "
+    return (f"{who}: {out_dir}: " + ". Also ".join(parts) + f". Reusing them would mix results of "
             f"different inputs; {_START_OVER} (or verify_data=False to reuse them unchecked)")
 
 
-def _run_shards(model, lrp, dataset, shards, n, shard_size, batch_size, num_workers, collate_fn, device, targets,
-                transform, storage_dtype, keep_logits, out_dir, rank, world, progress) -> list:
+def _run_shards(task, model, dataset, shards, n, shard_size, batch_size, num_workers, collate_fn, device,
+                transform, out_dir, rank, world, progress) -> list:
     if not shards:
         return []
     batches, owner = _shard_batches(shards, n, shard_size, batch_size)
     loader = _loader(dataset, batches, num_workers, collate_fn, pin_memory=device.type == "cuda")
-    bar = _progress_bar(sum(len(b) for b in batches), progress, "explaining" if world == 1 else f"explaining (rank 0 of {world})")
+    desc = task.desc if world == 1 else f"{task.desc} (rank 0 of {world})"
+    bar = _progress_bar(sum(len(b) for b in batches), progress, desc)
     written, parts, hasher = [], [], _ShardHasher()
     try:
         for bi, batch in enumerate(loader):
@@ -595,20 +667,13 @@ def _run_shards(model, lrp, dataset, shards, n, shard_size, batch_size, num_work
             x = x.to(device, non_blocking=True)
             if transform is not None:
                 x = transform(x)
-            res = lrp.explain(x, targets(model, x, labels, batches[bi]))
-            rel = res.relevance.detach()
-            parts.append({"relevance": (rel.to(storage_dtype) if storage_dtype else rel).cpu(),
-                          "targets": res.targets.detach().cpu(),
-                          "logits": res.logits.detach().cpu() if keep_logits else None})
+            parts.append(task.batch(model, x, labels, batches[bi]))
             if bar is not None:
                 bar.update(len(batches[bi]))
             if bi + 1 == len(batches) or owner[bi + 1] != owner[bi]:
                 s = owner[bi]
                 lo = s * shard_size
-                shard = {"indices": torch.arange(lo, min(n, lo + shard_size)), "rank": rank,
-                         "relevance": torch.cat([p["relevance"] for p in parts]),
-                         "targets": torch.cat([p["targets"] for p in parts]),
-                         "logits": torch.cat([p["logits"] for p in parts]) if keep_logits else None,
+                shard = {**task.shard(parts), "indices": torch.arange(lo, min(n, lo + shard_size)), "rank": rank,
                          "inputs_sha256": hasher.digest()}
                 _write_atomic(shard, shard_path(out_dir, s))
                 written.append(s)
@@ -629,15 +694,13 @@ def _progress_bar(total: int, enabled: bool, desc: str = "explaining"):
     return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
 
 
-def _finish(out_dir, n, shard_size, n_shards, world) -> None:
-    """Rank 0, after every rank wrote its shards: verify them all, write the index, mark complete."""
+def _finish(task, out_dir, n, shard_size, n_shards, world) -> None:
+    """Rank 0, after every rank wrote its shards: check they are all there, let the task write its
+    results (explain_dataset: the index), mark the run complete."""
     missing = [s for s in range(n_shards) if not os.path.exists(shard_path(out_dir, s))]
     if missing:
-        raise RelevanceError(f"explain_dataset: shards {missing[:10]} missing in {out_dir} after the run")
-    idx = torch.arange(n)
-    _write_atomic({"shard": (idx // shard_size).int(), "offset": (idx % shard_size).int(),
-                   "shard_files": [os.path.basename(shard_path(out_dir, s)) for s in range(n_shards)]},
-                  os.path.join(out_dir, INDEX))
+        raise RelevanceError(f"{task.name}: shards {missing[:10]} missing in {out_dir} after the run")
+    task.finish(out_dir, n, shard_size, n_shards)
     path = os.path.join(out_dir, MANIFEST)
     with open(path) as f:
         manifest = json.load(f)
