@@ -1,0 +1,113 @@
+"""Per-layer reads and masks on one LRP pass, for relevance maximisation and reference crops.
+
+A LayerTap wraps, for the duration of one `LRP.explain` call, the forward and the relevance step
+of the plan steps that compute the named modules' outputs: the forward wrapper hands the layer's
+output (its activation) to a callback before anything downstream (an in-place ReLU) changes it;
+the relevance wrapper sees the relevance at the layer's output (the sum of what the layers above
+sent back: zennit-crp's "gradient" at the module output) and may replace it by a masked copy
+before the pass continues below. Nothing is copied unless a callback keeps it, so reading a few
+per-channel numbers costs a reduction per layer on top of the LRP call (benchmarks/
+crp_maximization_speed.py).
+
+The wrappers are instance attributes set and removed around the call (the model is never
+touched: LRP refuses hooks on it). The pass runs with record=True (LRP.explain), where messages
+between steps are plain relevance (no pool-fused denominators), so the relevance at a layer is
+always materialisable.
+
+Masking here acts on the relevance that passes through the layer; relevance on paths parallel to
+it (a residual skip around it) flows on unmasked. For sequential models (the MNIST CNN, VGG) this
+is CRP's conditional relevance exactly; lrpfast.crp.CondAttribution(exclude_parallel=True)
+drops the parallel part as zennit-crp does.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .. import nodes as N
+from ..ops import RelevanceError
+
+
+def module_steps(plan) -> Dict[str, object]:
+    """Module name -> the plan step computing that module's output, for every module the traced
+    forward calls once and that has a step of its own."""
+    by_name = {s.name: s for s in plan.steps}
+    found: Dict[str, List[object]] = {}
+    for node in plan.gm.graph.nodes:
+        if node.op == "call_module" and node.name in by_name:
+            found.setdefault(str(node.target), []).append(by_name[node.name])
+    return {name: steps[0] for name, steps in found.items() if len(steps) == 1}
+
+
+def resolve_layers(lrp, layers: Sequence[str], x: Optional[torch.Tensor] = None) -> Dict[str, object]:
+    """layer name -> plan step, or a RelevanceError naming the unknown layer and the valid ones."""
+    plan = lrp.prepare(x) if x is not None else lrp.plan
+    steps = module_steps(plan)
+    out = {}
+    for name in layers:
+        if name not in steps:
+            valid = [n for n in steps if n]
+            modules = dict(lrp.model.named_modules())
+            why = ("the traced forward calls it more than once or it has no step of its own (a BatchNorm folded "
+                   "into the layer before it: name that layer)" if name in modules else "no such module")
+            raise RelevanceError(f"layer {name!r}: {why}; layers of {type(lrp.model).__name__}: "
+                                 f"{', '.join(valid[:40])}{' ...' if len(valid) > 40 else ''}")
+        out[name] = steps[name]
+    return out
+
+
+class LayerTap:
+    """Reads (and optionally masks) the named layers during lrp.explain calls.
+
+    on_activation(layer, output)  called with each layer's forward output (B, C, ...), per chunk
+    on_relevance(layer, R) -> R'  called with the relevance at each layer's output (B*K, C, ...);
+                                  returning a tensor replaces it (a mask), None keeps it
+    """
+
+    def __init__(self, lrp, layers: Sequence[str], on_activation: Optional[Callable] = None,
+                 on_relevance: Optional[Callable] = None):
+        self.lrp, self.layers = lrp, list(layers)
+        self.on_activation, self.on_relevance = on_activation, on_relevance
+
+    def explain(self, x: torch.Tensor, target=None):
+        steps = resolve_layers(self.lrp, self.layers, x)
+        # The scheduler's one-sample profiling forward (on fake tensors, once per input shape) must
+        # not reach the callbacks: run it now, before the wrappers are in place.
+        self.lrp._profile(x)  # noqa: SLF001
+        wrapped = []
+        try:
+            for name, step in steps.items():
+                self._wrap(name, step)
+                wrapped.append(step)
+            return self.lrp.explain(x, target)
+        finally:
+            for step in wrapped:
+                for attr in ("forward", "relprop"):
+                    step.__dict__.pop(attr, None)
+
+    def _wrap(self, name, step):
+        forward, relprop = step.forward, step.relprop
+        on_act, on_rel = self.on_activation, self.on_relevance
+        if on_act is not None:
+            def fwd(env, call):
+                out = forward(env, call)
+                on_act(name, out)
+                return out
+
+            step.forward = fwd
+        if on_rel is not None:
+            def rel(msg, call):
+                r = N.materialize(msg)
+                masked = on_rel(name, r)
+                if masked is not None:
+                    msg = N.Msg(N.DENSE, masked, None, True)
+                return relprop(msg, call)
+
+            step.relprop = rel
+
+
+def channel_view(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) as (B, C, S): the channel dim is 1 (zennit-crp's ChannelConcept); a (B, C)
+    output (a Linear layer) has S = 1."""
+    return t.reshape(t.shape[0], t.shape[1], -1)
