@@ -51,6 +51,7 @@ RULE_OPS = "tests/test_rule_ops.py"
 RULES = "tests/test_rules.py"
 LAYERS = "tests/test_layers.py"
 OPCHECK = "tests/test_opcheck.py"
+WINDOWS = "tests/test_windows.py"
 
 
 @dataclass
@@ -159,6 +160,18 @@ M: List[Mutation] = [
              "float(ctx.x.shape[-1])))", "float(ctx.x.shape[-1] + 1)))", (RULES,)),
     Mutation("rules: WSquare", "|w| instead of w²", "lrpfast/rules.py",
              'lambda: ctx.weight * ctx.weight)', 'lambda: ctx.weight.abs())', (RULES,)),
+    # ------------------------------------------------------------------ lrpfast/merged_batch.py (window attention)
+    Mutation("merged batch: regroup", "K maps of merged rows read as map-major (k, n) rows", "lrpfast/merged_batch.py",
+             "per_map = a.reshape(n_out, k, -1).transpose(0, 1).reshape(k, n_in, -1)",
+             "per_map = a.reshape(k, n_out, -1).reshape(k, n_in, -1)", (WINDOWS,)),
+    Mutation("merged batch: check_rows", "a reshape mixing samples accepted", "lrpfast/merged_batch.py",
+             "if batch is None or batch <= 0 or n_in % batch or n_out % batch:",
+             "if batch is None or batch <= 0:", (WINDOWS,)),
+    Mutation("merged batch: relevance_sum", "only the first window of each sample summed", "lrpfast/nodes.py",
+             "return s.view(b, n // b, k).sum(1)", "return s.view(b, n // b, k)[:, 0]", (WINDOWS,)),
+    Mutation("merged batch: per_map", "layer maps (B, K, m, ...) read as (B, m, K, ...)", "lrpfast/merged_batch.py",
+             "return a.reshape(b, m, k, *a.shape[1:]).transpose(1, 2)", "return a.reshape(b, k, m, *a.shape[1:])",
+             (WINDOWS,)),
     # ------------------------------------------------------------------ C++ CPU kernels (--cpp)
     Mutation("stab_div", "result 50% too large", "csrc/cpu/elementwise_cpu.cpp",
              "v = lrpfast::stab_div(va, vb, eps, mode);", "v = lrpfast::stab_div(va, vb, eps, mode) * acc_t(1.5);",

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
-from . import op_rules, shape_trace
+from . import derived, op_rules, shape_trace
 from . import transformer as T
 # Activations (LRP's pass rule) are a table of their own, shared with torch_transformers.py.
 from .activations import (ACTIVATIONS as _ACTIVATIONS, FUNCTIONAL_ACTIVATIONS as _FUNCTIONAL_ACTIVATIONS,
@@ -108,6 +108,13 @@ class _Tracer(fx.Tracer):
         slow = _slow_path(m)
         if slow is not None:  # torch's transformer modules: their slow path, from their own pieces
             forward = lambda *a, **k: slow(self, m, *a, **k)  # noqa: E731
+        else:
+            try:
+                self.path_of_module(m)
+            except NameError:
+                # a module made inside forward (DistilBERT's `nn.ReLU()(x)`) has no path to be a
+                # node under: its forward is traced through, op by op
+                return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
 
@@ -305,6 +312,8 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
     gm = trace(model, example)
     plan = Plan(gm)
     plan.attention = T.check_attention_rule("LRP", attention)
+    # tensors computed from one tensor alone: written-out activations, normalisers (derived.py)
+    plan.derived = derived.Derivation(gm, _is_meta_call, tuple(_ACTIVATIONS))
     index = {}        # fx node -> step index
     steps = plan.steps
 
@@ -362,6 +371,8 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
             for part in node.target.split("."):
                 value = getattr(value, part)
             add(N.ConstStep(node.name, value), node)
+        elif node.op in ("call_module", "call_function", "call_method") and plan.derived.needs_step(node):
+            _derived_step(plan, gm, node, ref, add)
         elif node.op == "call_module":
             if const_only(node) and any(isinstance(steps[d], N.ConstStep) for d in tensor_deps((node.args, node.kwargs))):
                 # a layer applied to constants (CP-LRP's attention weights through a talking-heads
@@ -394,6 +405,22 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
         raise RelevanceError("LRP: the traced model has no input")
     _finish(plan, rule_for)
     return plan
+
+
+def _derived_step(plan, gm, node, ref, add):
+    """A node that derived.py takes over: computed in the forward, its relevance by rule 1 or none."""
+    d = plan.derived
+    fn = derived.pure_callable(node, gm, _no_inplace, _module_without_inplace)
+    what = _target_name(node) if node.op != "call_module" else type(gm.get_submodule(node.target)).__name__
+    if d.needs_step(node) == derived.FWD:
+        return add(derived.DerivedStep(node.name, fn, ref(node.args), ref(node.kwargs), _load,
+                                       f"{what}, held constant: computed from {d.describe(node)!r} alone"), node)
+    target = d.activation_target(node)
+    step = derived.RegionActivationStep(node.name, fn, ref(node.args), ref(node.kwargs), _load,
+                                        f"{what}, an activation of {target.name!r}", False)
+    add(step, node, target)
+    step.deps = list(dict.fromkeys(step.deps + [step.src]))   # its forward checks the shape against it
+    return step
 
 
 def _is_meta_call(node: fx.Node) -> bool:
@@ -665,11 +692,13 @@ def _linear_op_step(plan, node, index, add, ref, rule, eps, stabilizer):
     if any(isinstance(steps[d], N.SplitStep) for d in computed):
         raise RelevanceError(f"LRP: {culprit} takes the whole tuple of a chunk/split; take its pieces one by one")
     if rule.only_first_computed:
+        # a computed divisor is a normaliser, held constant (derived.py, rule 3): R goes to the numerator
         first = []
         fx.node.map_arg(node.args[:1], lambda a: first.append(index[a]))
-        if any(d not in first for d in computed):
-            raise RelevanceError(f"LRP: {culprit} divides by a tensor computed from the input, which has no "
-                                 "relevance rule (only division by constants is linear)")
+        computed = [d for d in computed if d in first]
+        if not computed:
+            raise RelevanceError(f"LRP: {culprit} divides a constant by a tensor computed from the input outside "
+                                 "an elementwise function of one tensor; it has no relevance rule")
     step = op_rules.LinearOpStep(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load,
                                  _target_name(node), rule, eps, stabilizer)
     return add(step, node, None, computed)
@@ -764,8 +793,9 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         factors = list(node.args) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
         if len(factors) != 2 or set(node.kwargs) - {"other"}:
             raise RelevanceError(f"LRP: node {name!r} ({what}) must multiply two operands")
+        held = plan.derived.held.get(node, ())   # a factor computed from the other alone (derived.py)
         idx = [index[a] if isinstance(a, fx.Node) and steps[index[a]].tensor_output
-               and not isinstance(steps[index[a]], N.ConstStep) else None for a in factors]
+               and not isinstance(steps[index[a]], N.ConstStep) and a not in held else None for a in factors]
         fn = torch.mul if (is_method or t is torch.mul) else operator.mul  # never in place
         step = N.MulStep(name, fn, ref(node.args), ref({k: v for k, v in node.kwargs.items()}), _load, eps,
                          stabilizer, idx)
@@ -999,13 +1029,15 @@ def _finish(plan: Plan, rule_for: Callable) -> None:
 
 
 def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optional[list] = None,
-            extra: Optional[list] = None, scratch: Optional[list] = None) -> N.Call:
+            extra: Optional[list] = None, scratch: Optional[list] = None,
+            observe: Optional[Callable] = None) -> N.Call:
     """Run the model's forward step by step; returns the call state (logits in call.logits).
     `sizes` (a list) receives the bytes of every step's output tensors, `extra` those of what
     steps keep besides (Step.saved_extra: attention weights), `scratch` what their relevance
-    pass will hold per map (Step.relprop_scratch)."""
+    pass will hold per map (Step.relprop_scratch). `observe(i, value)` sees every step's output
+    as it is computed (CRP's layer outputs; a later in-place ReLU may still rectify it)."""
     steps = plan.steps
-    call = N.Call(steps, fuse_pools)
+    call = N.Call(steps, fuse_pools, x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None)
     env: list = [None] * len(steps)
     env[plan.input] = x
     free_after = plan.free_after
@@ -1032,6 +1064,8 @@ def forward(plan: Plan, x: torch.Tensor, fuse_pools: bool = True, sizes: Optiona
             if call.bdim and s.batch_anywhere and i not in call.bdim and s.src is not None \
                     and call.bdim.get(s.src, 0) and not isinstance(s, (N.PermuteStep, N.IndexStep)):
                 call.bdim[i] = call.bdim[s.src]  # layout-preserving: the batch stays where it was
+            if observe is not None:
+                observe(i, env[i])
         if sizes is not None and i != plan.input and not isinstance(s, N.ConstStep):
             v = env[i]
             sizes.extend(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,))

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import checks, graph, nodes as N, ops
+from . import checks, graph, merged_batch, nodes as N, ops
 from .ops import DEFAULT_EPS, RelevanceError
 from .rules import Epsilon
 
@@ -456,13 +456,15 @@ class LRP:
                     return
                 total = None
                 for _, m in outs:
-                    s = N.relevance_sum(m, b)
+                    s = N.relevance_sum(m, b, k)
                     total = s if total is None else total + s
                 conservation[step.name] = shaped(total, ())
                 if layers is not None:
                     # DENSE tensors travel on and may be accumulated into in place: copy them
-                    maps = tuple(shaped(m.a.clone() if m.kind == N.DENSE else N.materialize(m), m.a.shape[1:])
+                    # (B, K, m, ...) where the batch is merged with m rows (windows) per sample
+                    maps = tuple(merged_batch.per_map(m.a.clone() if m.kind == N.DENSE else N.materialize(m), b, k)
                                  for _, m in outs)
+                    maps = maps if multi else tuple(t[:, 0] for t in maps)
                     layers[step.name] = maps[0] if len(maps) == 1 else maps
 
         rel = graph.relevance(plan, call, r0, recorder)

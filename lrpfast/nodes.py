@@ -29,7 +29,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _fallback, canonize, ops
+from . import _fallback, canonize, merged_batch, ops
 from .ops import RelevanceError
 from .rules import LayerContext
 
@@ -88,22 +88,26 @@ def combine(msgs: List[Msg]) -> Msg:
     return Msg(kind, acc, x, owned)
 
 
-def relevance_sum(msg: Msg, b: int) -> torch.Tensor:
-    """Σ R per map: (B, K). A LAZY message is summed without forming x ⊙ c."""
-    k = msg.a.shape[0] // b if b else 1
+def relevance_sum(msg: Msg, b: int, k: int) -> torch.Tensor:
+    """Σ R per map: (B, K) for a message of n*K rows, n = B*m (a merged batch: m rows per sample,
+    lrpfast/merged_batch.py). A LAZY message is summed without forming x ⊙ c."""
+    n = msg.a.shape[0] // k
     if msg.kind == LAZY:
-        c = msg.a.reshape(b, k, -1)
-        return torch.bmm(c, msg.x.reshape(b, -1, 1).to(c.dtype)).squeeze(-1)
-    return materialize(msg).reshape(b, k, -1).sum(-1)
+        c = msg.a.reshape(n, k, -1)
+        s = torch.bmm(c, msg.x.reshape(n, -1, 1).to(c.dtype)).squeeze(-1)
+    else:
+        s = materialize(msg).reshape(n, k, -1).sum(-1)
+    return s.view(b, n // b, k).sum(1)
 
 
 class Call:
     """The state of one call: what each step saved in its forward, denominators asked for."""
 
-    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits", "bdim")
+    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits", "bdim", "batch")
 
-    def __init__(self, steps, fuse_pools: bool):
+    def __init__(self, steps, fuse_pools: bool, batch: Optional[int] = None):
         self.steps = steps
+        self.batch = batch   # B, the input's rows (a merged batch has B*m: lrpfast/merged_batch.py)
         self.saved = [None] * len(steps)
         self.dens = {}
         self.fuse_pools = fuse_pools
@@ -735,7 +739,8 @@ class PassStep(Step):
 
 class ReshapeStep(Step):
     """view / reshape / flatten / unflatten / squeeze / unsqueeze / contiguous / nn.Flatten: the
-    relevance takes the input's shape back (the batch dimension must be kept)."""
+    relevance takes the input's shape back. The batch may be merged with the dims after it and
+    split again (window attention: lrpfast/merged_batch.py)."""
 
     sign_preserving = True
 
@@ -747,22 +752,25 @@ class ReshapeStep(Step):
         x = env[self.src]
         args, kwargs = self.load(env, self.args, self.kwargs)
         y = self.fn(*args, **kwargs)
-        if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
+        why = "gives no tensor" if not isinstance(y, torch.Tensor) else \
+            merged_batch.check_rows(x.shape, y.shape, call.batch)
+        if why:
             raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
-                                 f"{tuple(getattr(y, 'shape', ()))}: it must keep the batch dimension first")
-        call.saved[self.index] = x
+                                 f"{tuple(getattr(y, 'shape', ()))}: {why}")
+        call.saved[self.index] = (x, y.shape[0])
         return y
 
     def relprop(self, msg, call):
-        x = call.saved[self.index]
-        shape = x.shape[1:]
+        x, n_out = call.saved[self.index]
+        n_in, shape = x.shape[0], x.shape[1:]
         if msg.kind == LAZY:
             # The pending factor is the tensor the message was made for (an activation above may
             # have changed it), not this step's input: both take the input's shape back.
-            return [(self.src, Msg(LAZY, msg.a.reshape(msg.a.shape[0], *shape),
-                                   msg.x.reshape(msg.x.shape[0], *shape), msg.owned))]
+            return [(self.src, Msg(LAZY, merged_batch.regroup(msg.a, n_out, n_in, shape),
+                                   msg.x.reshape(n_in, *shape), msg.owned))]
         r = materialize(msg)
-        return [(self.src, Msg(DENSE, r.reshape(r.shape[0], *shape), None, msg.owned or msg.kind != DENSE))]
+        return [(self.src, Msg(DENSE, merged_batch.regroup(r, n_out, n_in, shape), None,
+                               msg.owned or msg.kind != DENSE))]
 
     def zero_preserving(self, plan):
         return plan.users_zero_preserving(self.index)

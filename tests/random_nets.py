@@ -194,6 +194,22 @@ class MHABlock(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
+class TokenWindows(nn.Module):
+    """Tokens folded into the batch as Swin's windows are: (B, L, E) rolled by `shift`, viewed as
+    (B*L/w, w, E), a branch on each window, and back (lrpfast/merged_batch.py)."""
+
+    def __init__(self, branch, w, shift):
+        super().__init__()
+        self.branch, self.w, self.shift = branch, w, shift
+
+    def forward(self, x):
+        b, n, e = x.shape
+        if self.shift:
+            x = torch.roll(x, -self.shift, 1)
+        y = self.branch(x.reshape(-1, self.w, e)).reshape(b, n, e)
+        return torch.roll(y, self.shift, 1) if self.shift else y
+
+
 class ClassToken(nn.Module):
     def __init__(self, e):
         super().__init__()
@@ -417,8 +433,16 @@ class Gen:
         n, e = st.shape
         options = ["linear", "act", "norm", "shape", "slice_e"]
         if budget > 0 and self.depth < 2:
-            options += ["attn", "attn", "mlp", "gated", "residual"]
+            options += ["attn", "attn", "mlp", "gated", "residual"] + (["windows"] if n > 1 else [])
         kind = self.choice(options)
+        if kind == "windows":   # the batch merged with the windows and split again
+            w = self.choice([d for d in range(1, n) if n % d == 0])
+            shift = self.rng.randint(0, n - 1) if self.rng.random() < 0.5 else 0
+            self.kinds.append(f"windows:w{w}{'(shifted)' if shift else ''}")
+            sub = Gen(self.rng.randint(0, 1 << 30), self.depth + 1)
+            branch, _ = sub.chain(st.copy(shape=(w, e)), self.rng.randint(1, 3), keep_shape=True)
+            self.kinds += sub.kinds
+            return Residual(TokenWindows(branch, w, shift), None, 0), st
         if kind == "linear":
             self.kinds.append("linear")
             return nn.Linear(e, e, bias=st.zeros or self.rng.random() < 0.7), st.copy(zeros=False)
