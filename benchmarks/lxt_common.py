@@ -5,8 +5,8 @@ the per-token relevance LXT computes.
 LXT 2.1's efficient mode (lxt/efficient/patches.py, models/*.py) patches *classes and modelling
 modules* globally (LlamaMLP.forward, LlamaRMSNorm.forward, torch.nn.LayerNorm.forward,
 torch.nn.Dropout.forward, modeling_llama.ALL_ATTENTION_FUNCTIONS; for BERT every attribute of
-modeling_bert is replaced by LXT's copy of it). `lxt_patched` snapshots what the patch map touches
-and restores it on exit, so lrpfast (which traces the unpatched modules) and LXT run side by side in
+modeling_bert is replaced by LXT's copy of it). `LxtPatch` snapshots what the patch map touches and
+switches between LXT's and the original attributes, so lrpfast (which traces the unpatched modules) and LXT run side by side in
 one process, and one model family's patches never leak into the next.
 
 What LXT computes (read from its source, the rules the parity check compares):
@@ -58,9 +58,9 @@ def _configs():
                  "GPT2LMHeadModel", "causal"),
         "llama": ("transformers.models.llama.modeling_llama", T.LlamaConfig(**llama_like),
                   "LlamaForCausalLM", "causal"),
-        "qwen2": ("transformers.models.qwen2.modeling_qwen2", T.Qwen2Config(**llama_like),
+        "qwen2": ("transformers.models.qwen2.modeling_qwen2", T.Qwen2Config(sliding_window=None, **llama_like),
                   "Qwen2ForCausalLM", "causal"),
-        "qwen3": ("transformers.models.qwen3.modeling_qwen3", T.Qwen3Config(head_dim=8, **llama_like),
+        "qwen3": ("transformers.models.qwen3.modeling_qwen3", T.Qwen3Config(head_dim=8, sliding_window=None, **llama_like),
                   "Qwen3ForCausalLM", "causal"),
         "gemma3": ("transformers.models.gemma3.modeling_gemma3",
                    T.Gemma3TextConfig(head_dim=8, sliding_window=4, **llama_like),
@@ -134,48 +134,86 @@ def _patch_map(built: Built):
     return get_default_map(built.module)
 
 
-@contextlib.contextmanager
-def lxt_patched(built: Built, patch_map: Optional[dict] = None):
-    """LXT's AttnLRP patches for this model family for the duration of the block; every class
-    attribute and module global they may touch is restored on exit. Yields the model to run:
-    for BERT (whose patch swaps modeling_bert's classes for LXT's copies) a new instance of the
-    patched class holding the same weights, for the others `built.model` itself."""
-    from lxt.efficient import monkey_patch
+class LxtPatch:
+    """LXT's AttnLRP patches for one model family that can be switched on and off cheaply (a few
+    setattr calls), so LXT, the unpatched floor and lrpfast run interleaved in one process.
 
-    patch_map = patch_map or _patch_map(built)
-    saved = []
-    for target in patch_map:
+    On construction the originals of everything the patch map may touch are saved, LXT's
+    monkey_patch is applied, the patched values are saved and the originals put back. `on()` /
+    `off()` swap between the two; `with patch:` is on() ... off()."""
+
+    _ATTRS = ("forward", "_norm", "original_forward")
+
+    def __init__(self, built: Built, patch_map: Optional[dict] = None):
+        from lxt.efficient import monkey_patch
+
+        self.built = built
+        patch_map = patch_map or _patch_map(built)
+        self.targets = list(patch_map)
+        self.original = [self._snapshot(t) for t in self.targets]
+        try:
+            monkey_patch(built.module, patch_map)
+            self.patched = [self._snapshot(t) for t in self.targets]
+            self.model = self._model()
+        finally:
+            self._apply(self.original)
+        self.active = False
+
+    def _snapshot(self, target):
         if isinstance(target, types.ModuleType):
-            saved.append((target, dict(vars(target))))
-        else:
-            saved.append((target, {k: target.__dict__[k] for k in ("forward", "_norm", "original_forward")
-                                   if k in target.__dict__}))
-    try:
-        monkey_patch(built.module, patch_map)
-        model = built.model
-        patched_cls = getattr(built.module, built.model_class)
-        if not isinstance(model, patched_cls):
-            # the class itself was swapped (BERT): same weights in LXT's class
-            fresh = patched_cls(model.config).to(next(model.parameters()).dtype).eval()
-            missing = fresh.load_state_dict(model.state_dict(), strict=True)
-            assert not missing.missing_keys and not missing.unexpected_keys, missing
-            model = fresh
-        yield model
-    finally:
-        for target, before in saved:
+            return dict(vars(target))
+        return {k: target.__dict__[k] for k in self._ATTRS if k in target.__dict__}
+
+    def _apply(self, states):
+        for target, state in zip(self.targets, states):
             if isinstance(target, types.ModuleType):
                 d = vars(target)
-                for k in [k for k in d if k not in before]:
+                for k in [k for k in d if k not in state]:
                     delattr(target, k)
-                for k, v in before.items():
+                for k, v in state.items():
                     if d.get(k, _MISSING) is not v:
                         setattr(target, k, v)
             else:
-                for k in ("forward", "_norm", "original_forward"):
-                    if k in before:
-                        setattr(target, k, before[k])
+                for k in self._ATTRS:
+                    if k in state:
+                        setattr(target, k, state[k])
                     elif k in target.__dict__:
                         delattr(target, k)
+
+    def _model(self):
+        """The model to run under the patches: built.model itself, or for BERT (whose patch swaps
+        modeling_bert's classes for LXT's copies) an instance of the patched class with the same
+        weights."""
+        built = self.built
+        patched_cls = getattr(built.module, built.model_class)
+        if isinstance(built.model, patched_cls):
+            return built.model
+        fresh = patched_cls(built.model.config).to(next(built.model.parameters()).dtype).eval()
+        result = fresh.load_state_dict(built.model.state_dict(), strict=True)
+        assert not result.missing_keys and not result.unexpected_keys, result
+        return fresh
+
+    def on(self):
+        self._apply(self.patched)
+        self.active = True
+
+    def off(self):
+        self._apply(self.original)
+        self.active = False
+
+    def __enter__(self):
+        self.on()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.off()
+
+
+@contextlib.contextmanager
+def lxt_patched(built: Built, patch_map: Optional[dict] = None):
+    """LXT's patches for the block; yields the model to run (see LxtPatch)."""
+    with LxtPatch(built, patch_map) as model:
+        yield model
 
 
 _MISSING = object()
