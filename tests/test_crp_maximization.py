@@ -1,0 +1,234 @@
+"""Relevance maximisation (lrpfast.crp.maximization): the index against a brute-force sort of the
+whole dataset computed another way (one LRP call over all samples with keep_layers, activations
+from the model's own prefix), the order's tie rule, an interrupted build resumed to the same
+index, two torchrun ranks against one process, the layer tap against keep_layers, and the
+`lrpfast crp` CLI's exit codes and errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import lrpfast
+from lrpfast.crp.layer_tap import LayerTap
+from lrpfast.crp.maximization import open_index, relevance_maximization, select_top
+from lrpfast.dataset import shard_path
+from lrpfast.ops import RelevanceError
+
+from .crp_index_worker import BATCH_SIZE, LAYERS, N_SAMPLES, N_TOP, SHARD_SIZE, build, toy_inputs, toy_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# layer -> (the node whose INPUT relevance is the layer's output relevance, the model prefix giving its output)
+FOLLOWING = {"0": ("_1", 1), "3": ("_4", 4), "5": ("output", 6)}
+
+
+def brute_force(model, x, layer, mode, how, abs_norm, n):
+    """Every sample's value for every channel from one whole-batch call, sorted in Python by
+    (-value, id): the index must hold exactly the first n."""
+    if mode == "relevance":
+        e = lrpfast.LRP(model).explain(x, keep_layers=True)
+        node, _ = FOLLOWING[layer]
+        if node == "output":   # the last layer's output relevance: the initial one (the target logit)
+            maps = torch.zeros_like(e.logits).scatter_(1, e.targets[:, None], e.logits.gather(1, e.targets[:, None]))
+        else:
+            maps = e.layers[node]
+    else:
+        with torch.no_grad():
+            maps = model[:FOLLOWING[layer][1]](x)
+    flat = maps.reshape(len(x), maps.shape[1], -1)
+    values = flat.sum(2) if how == "sum" else flat.max(2).values
+    pos = flat.argmax(2)
+    if abs_norm:
+        values = values / (values.abs().sum(1, keepdim=True) + 1e-10)
+    values = values.float()
+    ids, vals, poss = [], [], []
+    for c in range(values.shape[1]):
+        order = sorted(range(len(x)), key=lambda i: (-values[i, c].item(), i))[:n]
+        ids.append(order)
+        vals.append([values[i, c].item() for i in order])
+        poss.append([pos[i, c].item() for i in order])
+    return np.array(ids), np.array(vals, dtype=np.float32), np.array(poss)
+
+
+@pytest.mark.parametrize("how,abs_norm", [(("sum", "max"), True), (("max", "sum"), False)])
+def test_index_equals_a_brute_force_sort_of_the_whole_dataset(tmp_path, how, abs_norm):
+    model, x = toy_model(), toy_inputs()
+    build(tmp_path, relevance=how[0], activation=how[1], abs_norm=abs_norm)
+    idx = open_index(tmp_path)
+    assert idx.layers == LAYERS and idx.spatial("0") == (8, 8) and idx.spatial("5") == ()
+    for layer in LAYERS:
+        for mode, h in zip(("relevance", "activation"), how):
+            ids, vals, pos = brute_force(model, x, layer, mode, h, abs_norm, N_TOP)
+            a = idx.arrays(layer)
+            assert a[f"{mode}_ids"].shape == (idx.channels(layer), N_TOP)
+            np.testing.assert_array_equal(a[f"{mode}_ids"], ids, err_msg=f"{layer} {mode}")
+            np.testing.assert_allclose(a[f"{mode}_values"], vals, rtol=1e-6, atol=1e-9)
+            nonzero = vals != 0   # the argmax of an all-zero map is any position
+            np.testing.assert_array_equal(a[f"{mode}_pos"][nonzero], pos[nonzero])
+    # one channel through the reader
+    ids, vals, _ = idx.top("0", 2, "activation", n=3)
+    np.testing.assert_array_equal(ids, idx.arrays("0")["activation_ids"][2, :3])
+
+
+def test_more_top_entries_than_samples_and_one_shard(tmp_path):
+    x = toy_inputs()[:4]
+    build(tmp_path, data=x, n_top=10, shard_size=100)
+    a = open_index(tmp_path).arrays("3")
+    assert a["relevance_ids"].shape == (6, 4)
+    assert all(sorted(row) == [0, 1, 2, 3] for row in a["relevance_ids"].tolist())
+
+
+def test_order_is_total_value_then_id():
+    """Ties (exact zeros: dead channels) go to the smaller sample id, whatever order the
+    candidates arrive in: shards merged in any order give the same top-N."""
+    values = torch.tensor([[0.0, 2.0, 0.0, 1.0, 2.0, 0.0]])
+    ids = torch.tensor([5, 9, 1, 4, 3, 0])
+    pos = torch.arange(6) * 10
+    v, i, p = select_top(values, ids, pos, 4)
+    assert i.tolist() == [[3, 9, 4, 0]] and v.tolist() == [[2.0, 2.0, 1.0, 0.0]] and p.tolist() == [[40, 10, 30, 50]]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        perm = torch.randperm(6, generator=g)
+        assert torch.equal(select_top(values[:, perm], ids[perm], pos[perm], 4)[1], i)
+
+
+class Interrupting(Dataset):
+    """The toy inputs; raises at sample `fail_at` (an interruption mid-shard)."""
+
+    def __init__(self, fail_at=None):
+        self.x, self.fail_at, self.reads = toy_inputs(), fail_at, []
+
+    def __len__(self):
+        return N_SAMPLES
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise KeyboardInterrupt(f"simulated interruption at sample {i}")
+        self.reads.append(i)
+        return self.x[i]
+
+
+def shard_files(d):
+    return sorted(f for f in os.listdir(d) if f.startswith("shard-"))
+
+
+def test_interrupted_build_resumes_with_nothing_lost_or_duplicated(tmp_path):
+    full = tmp_path / "full"
+    build(full, data=Interrupting())
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        build(part, data=Interrupting(3 * SHARD_SIZE + 1))   # shards 0-2 done, shard 3 half
+    assert shard_files(part) == [f"shard-00000{s}.pt" for s in range(3)]
+    with pytest.raises(RelevanceError, match="not complete"):
+        open_index(part)
+    stamps = {f: os.stat(part / f).st_mtime_ns for f in shard_files(part)}
+    again = Interrupting()
+    summary = build(part, data=again)
+    n_shards = -(-N_SAMPLES // SHARD_SIZE)
+    assert summary["shards_skipped"] == 3 and sorted(summary["shards_written"]) == list(range(3, n_shards))
+    # the finished shards were only read (their input hashes), not recomputed or rewritten
+    assert sorted(again.reads) == sorted([0, N_SAMPLES - 1] + list(range(N_SAMPLES)))
+    assert {f: os.stat(part / f).st_mtime_ns for f in stamps} == stamps
+    a, b = open_index(part), open_index(full)
+    for layer in LAYERS:
+        for k, v in b.arrays(layer).items():
+            np.testing.assert_array_equal(a.arrays(layer)[k], v, err_msg=f"{layer} {k}")
+        ids = a.arrays(layer)["relevance_ids"]
+        assert all(len(set(row)) == len(row) for row in ids.tolist())   # no sample twice in a channel's list
+    # each shard's candidates cover exactly its own samples
+    for s in range(n_shards):
+        sh = torch.load(shard_path(part, s), weights_only=True)
+        cand = sh["top"]["0"]["relevance"]["ids"]
+        assert ((cand >= s * SHARD_SIZE) & (cand < (s + 1) * SHARD_SIZE)).all()
+
+
+def test_resume_refuses_other_settings_and_changed_data(tmp_path):
+    build(tmp_path)
+    with pytest.raises(RelevanceError, match="relevance_maximization: .*other settings.*n_top"):
+        build(tmp_path, n_top=N_TOP + 1)
+    x = toy_inputs()
+    x[2 * SHARD_SIZE + 1] = 1 - x[2 * SHARD_SIZE + 1]
+    with pytest.raises(RelevanceError, match="data changed.*shard 2 "):
+        build(tmp_path, data=x)
+    build(tmp_path, data=x, resume=False)   # starting over is allowed
+    open_index(tmp_path)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(RelevanceError, match=r"layer 'features\.9': no such module; layers of Sequential: 0, 1, 2"):
+        relevance_maximization(toy_model(), toy_inputs(), tmp_path / "a", ["features.9"], progress=False)
+    with pytest.raises(RelevanceError, match="dataset is empty"):
+        relevance_maximization(toy_model(), toy_inputs()[:0], tmp_path / "b", ["0"], progress=False)
+    with pytest.raises(RelevanceError, match="one target per sample"):
+        relevance_maximization(toy_model(), toy_inputs(), tmp_path / "c", ["0"], target="top2", progress=False)
+    with pytest.raises(RelevanceError, match="n_top must be"):
+        relevance_maximization(toy_model(), toy_inputs(), tmp_path / "d", ["0"], n_top=0, progress=False)
+    build(tmp_path / "e")
+    with pytest.raises(RelevanceError, match="channel 9 of layer '0' is out of range"):
+        open_index(tmp_path / "e").top("0", 9)
+    with pytest.raises(RelevanceError, match="layer 'x' is not in the index"):
+        open_index(tmp_path / "e").top("x", 0)
+
+
+def test_layer_tap_reads_the_layer_output_and_its_relevance():
+    """What the tap hands over equals keep_layers' relevance at the next node's input and the
+    model's own prefix output (before the in-place ReLU after it); the map is unchanged."""
+    model, x = toy_model(), toy_inputs()[:5]
+    lrp = lrpfast.LRP(model)
+    acts, rels = {}, {}
+    tap = LayerTap(lrp, ["0", "3"], lambda n, t: acts.__setitem__(n, t.clone()),
+                   lambda n, r: rels.__setitem__(n, r.clone()))
+    e = tap.explain(x)
+    ref = lrp.explain(x, keep_layers=True)
+    torch.testing.assert_close(e.relevance, ref.relevance, rtol=0, atol=0)
+    for layer in ("0", "3"):
+        node, upto = FOLLOWING[layer]
+        torch.testing.assert_close(rels[layer], ref.layers[node], rtol=1e-12, atol=1e-15)
+        with torch.no_grad():
+            torch.testing.assert_close(acts[layer], model[:upto](x), rtol=1e-12, atol=1e-15)
+    # after the call the plan steps are unwrapped: a plain call sees nothing new
+    acts.clear()
+    lrp(x)
+    assert not acts
+
+
+def run_torchrun(out, nproc):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(REPO, "tests", "crp_index_worker.py"), str(out)]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun did not finish in 300 s: {exc.stdout}\n{exc.stderr}")
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_two_torchrun_ranks_equal_one_process(tmp_path):
+    single = tmp_path / "single"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the ranks: the same arithmetic, so the same values bit for bit
+    try:
+        build(single)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "ranks"
+    stdout = run_torchrun(out, 2)
+    assert "rank 0/2" in stdout and "rank 1/2" in stdout and "backend gloo" in stdout
+    n_shards = -(-N_SAMPLES // SHARD_SIZE)
+    ranks = [torch.load(shard_path(out, s), weights_only=True)["rank"] for s in range(n_shards)]
+    assert ranks == [s % 2 for s in range(n_shards)]   # both ranks worked, each on its own shards
+    assert json.load(open(out / "manifest.json"))["world_size"] == 2
+    a, b = open_index(out), open_index(single)
+    for layer in LAYERS:
+        for k, v in b.arrays(layer).items():
+            if k.endswith("_values"):
+                np.testing.assert_allclose(a.arrays(layer)[k], v, rtol=1e-6, atol=1e-12)
+            else:
+                np.testing.assert_array_equal(a.arrays(layer)[k], v, err_msg=f"{layer} {k}")
