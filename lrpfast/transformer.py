@@ -331,7 +331,9 @@ class ScaledDotProductAttentionStep(Step):
     def forward(self, env, call):
         a = self.load(env)
         q, k, v = a["query"], a["key"], a["value"]
-        if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim() or q.shape[0] != v.shape[0]:
+        # equal leading dims: one broadcast over merged rows (a batch of 1 merged with windows,
+        # lrpfast/merged_batch.py) would share one row's relevance among many
+        if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim() or not q.shape[0] == k.shape[0] == v.shape[0]:
             raise RelevanceError(f"LRP: {self.describe()} expects (B, ..., L, E) query, key and value, got "
                                  f"{[tuple(t.shape) for t in (q, k, v)]}")
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -301,6 +301,40 @@ def test_merged_output_is_refused():
         lrpfast.LRP(model, eps=0.0).explain(torch.randn(2, 3, 4, dtype=F64), 0)
 
 
+class OneKeyForAllWindows(nn.Module):
+    """Windows of a batch of one attend to keys of the whole image: (m, ...) queries with a (1, ...)
+    key broadcast over them works in torch only at B = 1, and must not be explained as if the key
+    were per row."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.fc = how, nn.Linear(4, 2)
+
+    def forward(self, x):   # (1, 8, 4)
+        q = x.reshape(-1, 2, 4)                    # (4, 2, 4): the batch merged with 4 windows
+        if self.how == "sdpa":
+            o = F.scaled_dot_product_attention(q.unsqueeze(1), x[:, :2].unsqueeze(1), q.unsqueeze(1))
+        elif self.how == "add":
+            o = (q.reshape(1, 4, 2, 4) + x.reshape(1, 1, 8, 4)[:, :, :2]).reshape(-1, 2, 4)
+        else:
+            o = q * x[:, :2]
+        return self.fc(o.reshape(1, 8, 4).mean(1))
+
+
+@pytest.mark.parametrize("how,msg", [("sdpa", r"expects \(B, ..., L, E\) query, key and value"),
+                                     ("mul", r"broadcasts the factor of shape \(1, 2, 4\) across samples or leading")])
+def test_merged_rows_broadcast_against_one_row_is_refused(how, msg):
+    model = OneKeyForAllWindows(how).to(F64)
+    with pytest.raises(RelevanceError, match=msg):
+        lrpfast.LRP(model, eps=0.0).explain(torch.randn(1, 8, 4, dtype=F64), 0)
+
+
+def test_merged_rows_added_within_the_sample_equal_oracle():
+    """(1, 4, 2, 4) + (1, 1, 2, 4): split again, the broadcast is within the sample (fine)."""
+    model = OneKeyForAllWindows("add").to(F64)
+    check(model, torch.randn(1, 8, 4, dtype=F64), torch.tensor([1]))
+
+
 # ----------------------------------------------------------------------------- random nets, timm
 
 
