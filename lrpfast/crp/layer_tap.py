@@ -10,9 +10,9 @@ per-channel numbers costs a reduction per layer on top of the LRP call (benchmar
 crp_maximization_speed.py).
 
 The wrappers are instance attributes set and removed around the call (the model is never
-touched: LRP refuses hooks on it). The pass runs with record=True (LRP.explain), where messages
-between steps are plain relevance (no pool-fused denominators), so the relevance at a layer is
-always materialisable.
+touched: LRP refuses hooks on it). The pass is LRP's plain call (no per-node conservation sums):
+a message reaching the layer may be LAZY (x ⊙ c, taken here) or DIVIDED (s = R / stab(z), a max
+pooling above already divided by the layer's denominator; R = s · stab(z) here, exact to rounding).
 
 Masking here acts on the relevance that passes through the layer; relevance on paths parallel to
 it (a residual skip around it) flows on unmasked. For sequential models (the MNIST CNN, VGG) this
@@ -70,7 +70,8 @@ class LayerTap:
         self.lrp, self.layers = lrp, list(layers)
         self.on_activation, self.on_relevance = on_activation, on_relevance
 
-    def explain(self, x: torch.Tensor, target=None):
+    def explain(self, x: torch.Tensor, target=None) -> torch.Tensor:
+        """lrp(x, target) (the relevance at the input) with the callbacks called on the way."""
         steps = resolve_layers(self.lrp, self.layers, x)
         # The scheduler's one-sample profiling forward (on fake tensors, once per input shape) must
         # not reach the callbacks: run it now, before the wrappers are in place.
@@ -80,7 +81,7 @@ class LayerTap:
             for name, step in steps.items():
                 self._wrap(name, step)
                 wrapped.append(step)
-            return self.lrp.explain(x, target)
+            return self.lrp(x, target)
         finally:
             for step in wrapped:
                 for attr in ("forward", "relprop"):
@@ -98,13 +99,22 @@ class LayerTap:
             step.forward = fwd
         if on_rel is not None:
             def rel(msg, call):
-                r = N.materialize(msg)
+                r = _relevance(msg, call)
                 masked = on_rel(name, r)
                 if masked is not None:
                     msg = N.Msg(N.DENSE, masked, None, True)
                 return relprop(msg, call)
 
             step.relprop = rel
+
+
+def _relevance(msg, call) -> torch.Tensor:
+    """The relevance a message carries, as a tensor."""
+    if msg.kind != N.DIVIDED:
+        return N.materialize(msg)
+    z, eps, stabilizer = call.denominator(msg.x)
+    stab = z + eps if stabilizer == "plus" else z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return msg.a * stab
 
 
 def channel_view(t: torch.Tensor) -> torch.Tensor:
