@@ -11,7 +11,8 @@ Runs in the LXT environment (benchmarks/lxt_env.sh builds it; lrpfast comes from
 Model: LlamaConfig with 4 layers, hidden 256, 4 heads (head_dim 64), intermediate 688 (Llama's
 8/3 ratio), vocabulary --vocab (default 4096), random weights, eval, float32; seq 64, batch 1 and
 8, torch.set_num_threads(--threads, default 2). The explained output is the next-token logit (the
-argmax) at the last position, seeded with its value (lrpfast's init="logit") everywhere.
+argmax) at the last position; the backward seeded with 1 (in gradient x input the output's
+relevance is then the logit: lrpfast's init="logit").
 
 Contenders, each given input_ids:
   floor    DESIGN.md §2: embeddings e = embed(ids) (no grad), e.requires_grad_(); logits =
@@ -88,7 +89,7 @@ def llama_floor(model):
             e = emb(ids)
         e.requires_grad_(True)
         chosen = last_logit(model(inputs_embeds=e, use_cache=False).logits)
-        return torch.autograd.grad(chosen, e, grad_outputs=chosen.detach())[0]
+        return torch.autograd.grad(chosen, e, grad_outputs=torch.ones_like(chosen))[0]
 
     return run
 
@@ -102,7 +103,7 @@ def llama_lxt(patch):
             e = emb(ids)
         e.requires_grad_(True)
         chosen = last_logit(model(inputs_embeds=e, use_cache=False).logits)
-        g = torch.autograd.grad(chosen, e, grad_outputs=chosen.detach())[0]
+        g = torch.autograd.grad(chosen, e, grad_outputs=torch.ones_like(chosen))[0]
         return (e * g).sum(-1)
 
     return run

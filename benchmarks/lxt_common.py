@@ -219,17 +219,17 @@ def lxt_patched(built: Built, patch_map: Optional[dict] = None):
 _MISSING = object()
 
 
-def lxt_relevance(built: Built, model, ids, mask, positions=None, target=None, seed_with_logit=True):
+def lxt_relevance(built: Built, model, ids, mask, positions=None, target=None):
     """LXT's per-token relevance: (B, L) and the full (B, L, D) map at inputs_embeds, the logits and
-    the explained indices. The backward is seeded with the explained logit (lrpfast's init="logit"),
-    or 1 with seed_with_logit=False. Call inside `lxt_patched`."""
+    the explained indices. The backward is seeded with 1: in gradient x input the output's relevance
+    is then the explained logit itself (lrpfast's init="logit"; LXT's README seeds with the logit,
+    which squares it). Call inside `lxt_patched`."""
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     out = model(inputs_embeds=emb, attention_mask=mask, use_cache=False) if built.kind == "causal" else \
         model(inputs_embeds=emb, attention_mask=mask)
     logits = out.logits
     chosen, t = target_logits(built.kind, logits, mask, positions, target)
-    seed = chosen.detach() if seed_with_logit else torch.ones_like(chosen)
-    chosen.backward(seed)
+    chosen.backward(torch.ones_like(chosen))
     full = (emb * emb.grad).detach()
     return full.sum(-1), full, logits.detach(), t
 
