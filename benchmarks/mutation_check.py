@@ -172,6 +172,8 @@ M: List[Mutation] = [
     Mutation("merged batch: per_map", "layer maps (B, K, m, ...) read as (B, m, K, ...)", "lrpfast/merged_batch.py",
              "return a.reshape(b, m, k, *a.shape[1:]).transpose(1, 2)", "return a.reshape(b, k, m, *a.shape[1:])",
              (WINDOWS,)),
+    Mutation("merged batch: sdpa key", "a key with another leading dim than the query accepted", "lrpfast/transformer.py",
+             "or not q.shape[0] == k.shape[0] == v.shape[0]:", "or q.shape[0] != v.shape[0]:", (WINDOWS,)),
     # ------------------------------------------------------------------ C++ CPU kernels (--cpp)
     Mutation("stab_div", "result 50% too large", "csrc/cpu/elementwise_cpu.cpp",
              "v = lrpfast::stab_div(va, vb, eps, mode);", "v = lrpfast::stab_div(va, vb, eps, mode) * acc_t(1.5);",
