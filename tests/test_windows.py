@@ -366,8 +366,9 @@ TIMM = {   # family: (model, input size) - each folds windows or tokens into the
 }
 
 
-@pytest.mark.parametrize("family", sorted(TIMM))
-def test_timm_window_families_equal_oracle(family):
+@pytest.mark.parametrize("family,attention", [(f, "cp") for f in sorted(TIMM)] +
+                         [("swin_transformer", "attnlrp"), ("levit", "attnlrp"), ("mobilevit", "attnlrp")])
+def test_timm_window_families_equal_oracle(family, attention):
     timm = pytest.importorskip("timm")
     name, kw, size = TIMM[family]
     torch.manual_seed(0)
@@ -377,4 +378,4 @@ def test_timm_window_families_equal_oracle(family):
         for m in model.modules():   # zero-initialised heads would give zero logits and maps
             if isinstance(m, nn.Linear) and m.weight.abs().max() == 0:
                 m.weight.normal_(0, 0.05)
-    check(model, torch.randn(2, 3, size, size, dtype=F64), torch.tensor([[0, 3], [2, 1]]))
+    check(model, torch.randn(2, 3, size, size, dtype=F64), torch.tensor([[0, 3], [2, 1]]), attention)
