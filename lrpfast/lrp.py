@@ -151,6 +151,8 @@ class LRP:
                      and x_nonnegative, but no tensors x, z yet.
     batch_size       at most this many samples per chunk
     memory_budget    bytes (or "2GiB", "512MB") one chunk may use, estimated per input shape
+    per_shape        trace at the first call for each input shape, never shape-agnostically (for
+                     wrappers whose forward reads per-call data besides x, lrpfast/hf.py)
     attention        the rule of attention blocks (nn.MultiheadAttention, F.scaled_dot_product_attention):
                      "cp" (the attention weights held constant, relevance to the values only; Ali et al.
                      2022) or "attnlrp" (through the softmax to queries and keys too; Achtibat et al.
@@ -159,7 +161,7 @@ class LRP:
 
     def __init__(self, model: nn.Module, eps: float = DEFAULT_EPS, stabilizer: str = "sign", init: str = "logit",
                  composite=None, batch_size: Optional[int] = None, memory_budget: Union[int, str, None] = None,
-                 attention: str = "cp", **composite_params):
+                 attention: str = "cp", per_shape: bool = False, **composite_params):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LRP: model must be an nn.Module, got {type(model).__name__}")
         ops.check_stabilizer("LRP", eps, stabilizer)
@@ -180,6 +182,8 @@ class LRP:
         self._shape_plans: Optional[dict] = None   # input shape -> plan, for forwards that branch on shapes
         with torch.no_grad():
             try:
+                if per_shape:   # the caller sets data the forward reads besides x per call (lrpfast/hf.py)
+                    raise graph.NeedsShapes(f"LRP: {type(model).__name__} is traced per input shape (per_shape=True)")
                 self._plan = self._build()
             except graph.NeedsShapes as exc:
                 # The forward branches on shapes (timm's patch/padding checks): trace per input

@@ -141,6 +141,24 @@ def _einsum_check(args, kwargs, xs, computed):
     return None
 
 
+def _addmm_dims(args, kwargs, ndim):
+    return [1]   # rows (the batch, or the batch merged with tokens) stay apart; dim 1 is contracted
+
+
+def _addmm_check(args, kwargs, xs, computed):
+    """addmm(bias, x, W): linear in x when the bias and W are constants (GPT-2's Conv1D)."""
+    bias, mat2 = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 2, "mat2")
+    if computed(bias) or computed(mat2):
+        return "adds or multiplies by a tensor computed from the input (only addmm(constant, x, constant) is linear)"
+    if _arg(args, kwargs, 3, "beta", 1) != 1 or _arg(args, kwargs, 4, "alpha", 1) != 1:
+        return "scales with beta/alpha != 1"
+    return None
+
+
+def _gather_dims(args, kwargs, ndim):
+    return _dims(_arg(args, kwargs, 1, "dim"), ndim)
+
+
 FUNCTIONS = {
     operator.neg: OpRule(LINEAR, _none),
     torch.neg: OpRule(LINEAR, _none),
@@ -159,6 +177,8 @@ FUNCTIONS = {
     torch.bmm: OpRule(BILINEAR, check=_matmul_check),
     torch.einsum: OpRule(BILINEAR, check=_einsum_check),
     torch.masked_fill: OpRule(COPY, _none),
+    torch.addmm: OpRule(LINEAR, _addmm_dims, check=_addmm_check),        # GPT-2's Conv1D: bias + x @ W
+    torch.gather: OpRule(COPY, _gather_dims, sign_preserving=True),     # a constant index (lrpfast/hf.py)
 }
 METHODS = {
     "neg": OpRule(LINEAR, _none),
@@ -175,6 +195,8 @@ METHODS = {
     "matmul": OpRule(BILINEAR, check=_matmul_check),
     "bmm": OpRule(BILINEAR, check=_matmul_check),
     "masked_fill": OpRule(COPY, _none),
+    "addmm": OpRule(LINEAR, _addmm_dims, check=_addmm_check),
+    "gather": OpRule(COPY, _gather_dims, sign_preserving=True),
 }
 
 # AttnLRP's softmax rule (graph.py sends softmax here under attention="attnlrp"; under "cp" the

@@ -11,11 +11,39 @@ lrpfast.LRP keeps one plan per input shape (`LRP._plan_for`).
 """
 from __future__ import annotations
 
+import operator
+from typing import Optional
+
 import torch
 import torch.fx as fx
 
 _SHAPE_ATTRS = ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
 _SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement")
+
+
+def written(dst, method, *args, **kwargs):
+    """dst after `dst.<method>(*args, **kwargs)` (an in-place write: `t[i] = v`, `t.masked_fill_(...)`),
+    as a new tensor: dst itself is left as it was."""
+    out = dst.clone()
+    getattr(out, method)(*args, **kwargs)
+    return out
+
+
+# Tensors made from Python numbers alone (HF's `causal_mask = torch.full(...)`, `torch.arange(L)`)
+# would be real tensors while tracing: ops on them run eagerly, and a later write of traced values
+# into them (the padding mask) cannot be followed. While tracing for a shape they are traced too.
+_FACTORIES = ("arange", "full", "ones", "zeros", "empty", "tensor", "eye", "linspace")
+
+
+def _in_place(kind, target) -> Optional[str]:
+    """The method name of an in-place write, or None."""
+    if kind == "call_function" and target is operator.setitem:
+        return "__setitem__"
+    if kind == "call_method" and isinstance(target, str) and (
+            target in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")
+            or (target.endswith("_") and not target.endswith("__"))):
+        return target
+    return None
 
 
 def _example(v):
@@ -35,6 +63,9 @@ class ShapeProxy(fx.Proxy):
             if isinstance(ex, torch.Tensor):
                 return getattr(ex, k)
         return super().__getattr__(k)
+
+    def __setitem__(self, index, value):   # a write, made functional by the tracer's create_proxy
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
     def __len__(self):
         ex = self._ex()
@@ -75,11 +106,53 @@ def make_tracer(base: type, example: torch.Tensor):
             self.fake_input = self.mode.from_tensor(example)
             self.placeholders = 0
             self.failures = []   # calls that gave no example (their shapes stay symbolic)
+            self.evaluating = False
+            self.writes = {}     # id(constant tensor) -> (it, the Proxy of its value after in-place writes)
 
         def proxy(self, node):
             return ShapeProxy(node, self)
 
+        def trace(self, root, concrete_args=None):
+            saved = {n: getattr(torch, n) for n in _FACTORIES}
+
+            def traced(fn):
+                def factory(*args, **kwargs):
+                    if self.evaluating:   # an example being computed: the real function
+                        return fn(*args, **kwargs)
+                    return self.create_proxy("call_function", fn, args, kwargs)
+                return factory
+
+            try:
+                for n, fn in saved.items():
+                    setattr(torch, n, traced(fn))
+                return super().trace(root, concrete_args)
+            finally:
+                for n, fn in saved.items():
+                    setattr(torch, n, fn)
+
+        def create_arg(self, a):
+            if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+                w = self.writes.get(id(a))
+                if w is not None and w[0] is a:
+                    return w[1].node   # a constant written with traced values: its traced version
+            return super().create_arg(a)
+
         def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+            method = _in_place(kind, target)
+            if method is not None and args:
+                # An in-place write (HF's padding mask: `causal_mask[..., :n] = causal_mask[..., :n]
+                # .masked_fill(padding, min)` on a tensor made without the input) would be a node
+                # without users, dropped as dead code, leaving the value of the traced call as a
+                # constant. It becomes `written(dst, method, ...)`, a new value, and later uses of
+                # dst (its Proxy, or the real tensor) read that value.
+                dst = args[0]
+                p = self.create_proxy("call_function", written, (dst, method, *args[1:]), kwargs, name, type_expr,
+                                      proxy_factory_fn)
+                if isinstance(dst, fx.Proxy):
+                    dst.node = p.node
+                elif isinstance(dst, torch.Tensor):
+                    self.writes[id(dst)] = (dst, p)
+                return p
             p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
             value = self._evaluate(kind, target, args, kwargs, p)
             p.node.meta["example"] = value
@@ -108,6 +181,7 @@ def make_tracer(base: type, example: torch.Tensor):
             a = fx.node.map_aggregate(args, _example)
             k = fx.node.map_aggregate(kwargs, _example)
             with _unpatched_modules(), self.mode, torch.no_grad():
+                self.evaluating = True
                 try:
                     if kind == "call_function":
                         return target(*a, **k)
@@ -119,6 +193,8 @@ def make_tracer(base: type, example: torch.Tensor):
                 except Exception as exc:  # noqa: BLE001 (no example: shape questions on it fall back to fx's)
                     self.failures.append(f"{target}: {type(exc).__name__}: {exc}")
                     return None
+                finally:
+                    self.evaluating = False
             return None
 
     return ShapeTracer
