@@ -113,8 +113,10 @@ def _relevance(msg, call) -> torch.Tensor:
     if msg.kind != N.DIVIDED:
         return N.materialize(msg)
     z, eps, stabilizer = call.denominator(msg.x)
-    stab = z + eps if stabilizer == "plus" else z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
-    return msg.a * stab
+    if stabilizer == "plus":
+        return msg.a * (z + eps)
+    # stab(z) = z + eps·sign(z), sign(0) = +1 (ops.stab_div)
+    return msg.a * torch.where(z >= 0, z + eps, z - eps)
 
 
 def channel_view(t: torch.Tensor) -> torch.Tensor:

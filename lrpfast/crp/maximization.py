@@ -67,14 +67,6 @@ def select_top(values: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, n: in
     return values.gather(1, o), ids.gather(1, o), pos.gather(1, o)
 
 
-def reduce_map(t: torch.Tensor, how: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, ...) -> values (B, C) ("sum" or "max" over the positions) and the flat position of
-    the largest entry (B, C)."""
-    v = channel_view(t)
-    mx, arg = v.max(dim=2)
-    return (v.sum(dim=2) if how == "sum" else mx), arg
-
-
 def normalize_channels(values: torch.Tensor) -> torch.Tensor:
     """Each sample's C values divided by their absolute sum (zennit-crp's abs_norm)."""
     return values / (values.abs().sum(dim=1, keepdim=True) + 1e-10)
@@ -83,30 +75,72 @@ def normalize_channels(values: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the task
 
 
-class _Collector:
-    """Per-batch reductions of what the LayerTap sees, chunk by chunk."""
+class _Ranker:
+    """The running top-N of each (layer, mode), updated in the tap's callbacks chunk by chunk (LRP
+    may split a batch): the layer's map is reduced while it is at hand and nothing of it is kept.
+    For a "sum" reduction the position of the largest entry is looked up only for the entries
+    that enter the top-N (a gather of a few rows instead of a pass over the map)."""
 
-    def __init__(self, reductions: Dict[str, str]):
-        self.reductions = reductions
-        self.parts = {m: {} for m in reductions}
+    def __init__(self, reductions: Dict[str, str], abs_norm: bool, n_top: int):
+        self.reductions, self.abs_norm, self.n_top = reductions, abs_norm, n_top
+        self.running: Dict[tuple, Optional[tuple]] = {}
         self.shapes: Dict[str, list] = {}   # layer -> its output's (C, *spatial)
+        self.ids, self.cursor = None, {}
+
+    def start_batch(self, rows, device):
+        self.ids = torch.as_tensor(rows, dtype=torch.long, device=device)
+        self.cursor = {}
+
+    def end_batch(self, layers):
+        for layer in layers:
+            for mode in self.reductions:
+                if self.cursor.get((layer, mode), 0) != len(self.ids):
+                    raise RelevanceError(f"{NAME}: layer {layer!r} got {mode} for {self.cursor.get((layer, mode), 0)} "
+                                         f"of {len(self.ids)} samples in the pass (does the model output depend on it?)")
 
     def on_activation(self, layer, out):
         self.shapes.setdefault(layer, [int(d) for d in out.shape[1:]])
         if "activation" in self.reductions:
-            self.parts["activation"].setdefault(layer, []).append(reduce_map(out.detach(), self.reductions["activation"]))
+            self._update(layer, "activation", out.detach())
 
     def on_relevance(self, layer, r):
         if "relevance" in self.reductions:
-            self.parts["relevance"].setdefault(layer, []).append(reduce_map(r.detach(), self.reductions["relevance"]))
+            self._update(layer, "relevance", r.detach())
         return None
 
-    def take(self, mode, layer):
-        chunks = self.parts[mode].pop(layer, None)
-        if not chunks:
-            raise RelevanceError(f"{NAME}: layer {layer!r} got no {mode} in the pass (does the model output depend "
-                                 "on it?)")
-        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+    def _update(self, layer, mode, t):
+        v = channel_view(t)
+        key = (layer, mode)
+        lo = self.cursor.get(key, 0)
+        ids = self.ids[lo:lo + len(v)]
+        self.cursor[key] = lo + len(v)
+        if self.reductions[mode] == "max":
+            values, pos = v.max(dim=2)
+            pos = pos.t()
+        else:
+            values, pos = v.sum(dim=2), None
+        if self.abs_norm:
+            values = normalize_channels(values)
+        values = values.float().t()
+        c = values.shape[0]
+        if pos is None:
+            pos = torch.full_like(values, -1, dtype=torch.long)
+        ids = ids.expand(c, -1)
+        prev = self.running.get(key)
+        if prev is not None:
+            values, ids, pos = (torch.cat([a, b], 1) for a, b in zip(prev, (values, ids, pos)))
+        values, ids, pos = select_top(values, ids, pos, self.n_top)
+        new = pos < 0
+        if bool(new.any()):
+            ch, k = torch.nonzero(new, as_tuple=True)
+            pos[ch, k] = v[ids[ch, k] - ids.new_tensor(int(self.ids[lo])), ch].argmax(dim=-1)
+        self.running[key] = (values, ids, pos)
+
+    def take(self):
+        """The shard's top-N per (layer, mode), on the CPU; the running state starts over."""
+        out = {key: tuple(a.cpu() for a in val) for key, val in self.running.items()}
+        self.running = {}
+        return out
 
 
 class _ConceptIndexTask(ShardTask):
@@ -122,9 +156,8 @@ class _ConceptIndexTask(ShardTask):
         self.lrp = make_lrp(model, eps=self.eps, composite=self.composite, **(self.lrp_kwargs or {}))
         if self.lrp._shape_plans is None:  # noqa: SLF001 - a model traced per shape is checked at the first batch
             resolve_layers(self.lrp, self.layers)
-        self.collector = _Collector(self.reductions)
-        self.tap = LayerTap(self.lrp, self.layers, self.collector.on_activation, self.collector.on_relevance)
-        self.running = None
+        self.ranker = _Ranker(self.reductions, self.abs_norm, self.n_top)
+        self.tap = LayerTap(self.lrp, self.layers, self.ranker.on_activation, self.ranker.on_relevance)
         c = self.composite
         return {"layers": self.layers, "n_top": self.n_top, "target": self.targets.describe(),
                 "modes": self.reductions, "abs_norm": self.abs_norm, "eps": self.eps,
@@ -136,34 +169,16 @@ class _ConceptIndexTask(ShardTask):
         if t is not None and t.dim() == 2:
             raise RelevanceError(f"{NAME}: one target per sample (argmax, a class, label or an (N,) tensor); "
                                  "got K targets per sample")
+        self.ranker.start_batch(rows, x.device)
         self.tap.explain(x, t)
-        ids = torch.as_tensor(rows, dtype=torch.long)
-        part = {}
-        for layer in self.layers:
-            for mode in self.reductions:
-                values, pos = self.collector.take(mode, layer)
-                if self.abs_norm:
-                    values = normalize_channels(values)
-                values, pos = values.float().t().cpu(), pos.t().cpu()
-                prev = self._running(layer, mode)
-                if prev is not None:
-                    values = torch.cat([prev[0], values], 1)
-                    pos = torch.cat([prev[2], pos], 1)
-                    cand_ids = torch.cat([prev[1], ids.expand(values.shape[0], -1)], 1)
-                else:
-                    cand_ids = ids
-                part[(layer, mode)] = select_top(values, cand_ids, pos, self.n_top)
-        self.running = part
+        self.ranker.end_batch(self.layers)
         return None
 
-    def _running(self, layer, mode):
-        return None if self.running is None else self.running.get((layer, mode))
-
     def shard(self, parts):
-        top = {layer: {mode: dict(zip(("values", "ids", "pos"), self.running[(layer, mode)]))
-                       for mode in self.reductions} for layer in self.layers}
-        self.running = None
-        return {"top": top, "shapes": dict(self.collector.shapes)}
+        top = self.ranker.take()
+        return {"top": {layer: {mode: dict(zip(("values", "ids", "pos"), top[(layer, mode)]))
+                                for mode in self.reductions} for layer in self.layers},
+                "shapes": dict(self.ranker.shapes)}
 
     def finish(self, out_dir, n, shard_size, n_shards):
         merged, shapes = {}, {}
