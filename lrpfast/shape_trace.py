@@ -35,6 +35,29 @@ def written(dst, method, *args, **kwargs):
 _FACTORIES = ("arange", "full", "ones", "zeros", "empty", "tensor", "eye", "linspace")
 
 
+_LIKE = {torch.zeros_like: torch.zeros, torch.ones_like: torch.ones, torch.empty_like: torch.empty,
+         torch.full_like: torch.full}
+
+
+def _dtype_only(kind, target, args, kwargs):
+    """A call that reads only the shape, dtype or device of a traced tensor (`mask.to(query)`,
+    `y.type_as(x)`, `torch.zeros_like(x)`) is written with those as constants: its value does not
+    depend on that tensor's data, so a mask cast to the query's dtype stays a constant of the graph."""
+    if kind == "call_method" and target in ("to", "type_as") and len(args) >= 2:
+        ex = _example(args[1])
+        if isinstance(args[1], fx.Proxy) and isinstance(ex, torch.Tensor):
+            if target == "type_as":
+                return kind, "to", (args[0], ex.dtype), kwargs
+            return kind, "to", (args[0], ex.device, ex.dtype, *args[2:]), kwargs
+    if kind == "call_function" and target in _LIKE and args and isinstance(args[0], fx.Proxy):
+        ex = _example(args[0])
+        if isinstance(ex, torch.Tensor) and not kwargs.get("memory_format"):
+            kw = {"dtype": ex.dtype, "device": ex.device, **kwargs}
+            kw.pop("memory_format", None)
+            return kind, _LIKE[target], (tuple(ex.shape), *args[1:]), kw
+    return kind, target, args, kwargs
+
+
 def _in_place(kind, target) -> Optional[str]:
     """The method name of an in-place write, or None."""
     if kind == "call_function" and target is operator.setitem:
@@ -138,6 +161,7 @@ def make_tracer(base: type, example: torch.Tensor):
             return super().create_arg(a)
 
         def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+            kind, target, args, kwargs = _dtype_only(kind, target, args, kwargs)
             method = _in_place(kind, target)
             if method is not None and args:
                 # An in-place write (HF's padding mask: `causal_mask[..., :n] = causal_mask[..., :n]
