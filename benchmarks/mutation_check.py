@@ -174,6 +174,9 @@ M: List[Mutation] = [
              (WINDOWS,)),
     Mutation("merged batch: sdpa key", "a key with another leading dim than the query accepted", "lrpfast/transformer.py",
              "or not q.shape[0] == k.shape[0] == v.shape[0]:", "or q.shape[0] != v.shape[0]:", (WINDOWS,)),
+    Mutation("merged batch: repeat rows", "copies of a row read as r blocks of all rows (tile order)",
+             "lrpfast/merged_repeat.py", "a.reshape(n, r, k, *a.shape[1:]).sum(1)", "a.reshape(r, n, k, *a.shape[1:]).sum(0)",
+             (WINDOWS,)),
     # ------------------------------------------------------------------ C++ CPU kernels (--cpp)
     Mutation("stab_div", "result 50% too large", "csrc/cpu/elementwise_cpu.cpp",
              "v = lrpfast::stab_div(va, vb, eps, mode);", "v = lrpfast::stab_div(va, vb, eps, mode) * acc_t(1.5);",

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
-from . import derived, op_rules, shape_trace
+from . import derived, merged_repeat, op_rules, shape_trace
 from . import transformer as T
 # Activations (LRP's pass rule) are a table of their own, shared with torch_transformers.py.
 from .activations import (ACTIVATIONS as _ACTIVATIONS, FUNCTIONAL_ACTIVATIONS as _FUNCTIONAL_ACTIVATIONS,
@@ -770,6 +770,10 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
     if (not is_method and t in _RESHAPE_FUNCTIONS) or (is_method and t in _RESHAPE_METHODS):
         # (view_as / reshape_as: the other tensor only gives a shape, it receives no relevance)
         return add(generic(N.ReshapeStep, what), node, first_node_arg(node))
+    if ((not is_method and t is torch.repeat_interleave) or (is_method and t == "repeat_interleave")) and \
+            node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None) == 0:
+        # rows repeated in place along the batch dim: a merged batch (GCViT's global query per window)
+        return add(generic(merged_repeat.RepeatRowsStep, what), node, first_node_arg(node))
     if (not is_method and t in (torch.permute, torch.transpose, torch.swapaxes)) or \
             (is_method and t in ("permute", "transpose", "swapaxes")):
         kind = "permute" if (t is torch.permute or t == "permute") else "transpose"

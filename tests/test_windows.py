@@ -269,6 +269,45 @@ def test_tokens_and_patches_folded_into_the_batch(attention):
     check(model, x, torch.tensor([[0, 2], [1, 1], [2, 0]]), attention)
 
 
+class GlobalQueryWindows(nn.Module):
+    """GCViT's global attention: one query per sample from pooled features, given to each of its
+    windows by repeat_interleave along dim 0 (a merged batch); keys and values from the windows."""
+
+    def __init__(self, c=8, heads=2, ws=2, classes=4, method=True):
+        super().__init__()
+        self.c, self.heads, self.ws, self.method = c, heads, ws, method
+        self.embed = nn.Conv2d(3, c, 2, 2)
+        self.q = nn.Linear(c, c)
+        self.kv = nn.Linear(c, 2 * c)
+        self.proj = nn.Linear(c, c)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        f = self.embed(x).permute(0, 2, 3, 1)                       # (B, H, W, C)
+        b, h, w, c = f.shape
+        n, hd = self.ws * self.ws, c // self.heads
+        g = F.adaptive_avg_pool2d(f.permute(0, 3, 1, 2), self.ws).flatten(2).transpose(1, 2)   # (B, N, C)
+        q = self.q(g).reshape(b, n, self.heads, hd).transpose(1, 2)                           # (B, heads, N, d)
+        win = window_partition(f, self.ws)                                                    # (B*nW, N, C)
+        nw = win.shape[0] // b
+        q = q.repeat_interleave(nw, dim=0) if self.method else torch.repeat_interleave(q, nw, 0)
+        k, v = self.kv(win).reshape(-1, n, 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        o = ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(-1) @ v
+        o = self.proj(o.transpose(1, 2).reshape(-1, n, c))
+        f = f + window_reverse(o, self.ws, h, w)
+        return self.head(f.mean((1, 2)))
+
+
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+@pytest.mark.parametrize("method", [True, False])
+def test_rows_repeated_into_windows_equal_oracle(attention, method):
+    """repeat_interleave(nW, dim=0): each sample's query copied to its windows (K targets too)."""
+    torch.manual_seed(6)
+    model = GlobalQueryWindows(method=method).to(F64).eval()
+    x = torch.randn(3, 3, 8, 8, dtype=F64)
+    check(model, x, torch.tensor([[0, 3], [1, 2], [3, 3]]), attention)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -293,6 +332,13 @@ def test_interleaved_batch_is_refused():
     model = Lam(lambda x: x.transpose(0, 1).reshape(-1, 4).view(3, 2, 4).transpose(0, 1).mean(1)).to(F64)
     with pytest.raises(RelevanceError, match=r"reshape.*needs the batch dimension first.*at dim 1"):
         lrpfast.LRP(model, eps=0.0).explain(torch.randn(2, 3, 4, dtype=F64), 0)
+
+
+def test_rows_repeated_by_counts_per_row_are_refused():
+    """repeat_interleave with a count per row along dim 0 does not keep the samples' rows alike."""
+    model = Lam(lambda x: x.repeat_interleave(torch.tensor([1, 3]), dim=0).view(2, 2, 4).sum(1)).to(F64)
+    with pytest.raises(RelevanceError, match=r"'repeat_interleave'.*by counts per row"):
+        lrpfast.LRP(model, eps=0.0).explain(torch.randn(2, 4, dtype=F64), 0)
 
 
 def test_merged_output_is_refused():
@@ -363,6 +409,7 @@ TIMM = {   # family: (model, input size) - each folds windows or tokens into the
     "hieradet_sam2": ("sam2_hiera_tiny", {}, 64),
     "levit": ("levit_128s", dict(img_size=64), 64),
     "mobilevit": ("mobilevit_xxs", {}, 64),
+    "gcvit": ("gcvit_xxtiny", dict(img_size=64, window_size=(2, 2, 2, 2)), 64),
 }
 
 
