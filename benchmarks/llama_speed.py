@@ -117,12 +117,18 @@ def llama_lrpfast(model, example_ids):
 
 
 def _lrpfast_token_api(model):
-    """The adapter to lrpfast's HF token API (helper "hf"'s work, issue 15). Returns a callable
-    ids -> (B, L) relevance, AttnLRP, the next-token logit at the last position."""
-    api = getattr(lrpfast, "explain_tokens", None) or getattr(lrpfast, "TokenLRP", None)
-    if api is None:
-        raise NotImplementedError("lrpfast has no Hugging Face token API yet (issue 15): lrpfast row skipped")
-    raise NotImplementedError("adapter to lrpfast's token API not written yet")
+    """lrpfast.hf's token API: ids -> (B, L) relevance, AttnLRP, the argmax next-token logit at the
+    last position (its defaults)."""
+    try:
+        import lrpfast.hf as hf
+    except ImportError as exc:
+        raise NotImplementedError(f"lrpfast has no Hugging Face token API here ({exc}): lrpfast row skipped") from None
+    lrp = hf.LRP(model, attention="attnlrp")
+
+    def run(ids):
+        return lrp(ids).tokens
+
+    return run
 
 
 # ============================================================================== measuring

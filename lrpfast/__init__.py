@@ -17,6 +17,7 @@ _LAZY = {
     "pixel_flipping": "faithfulness", "aopc": "faithfulness", "compare_rules": "faithfulness",
     "quantus_explain_func": "faithfulness", "PixelFlippingResult": "faithfulness",
     "mnist_sample": "data", "mnist_split": "data",
+    "render_tokens": "token_heatmaps", "save_token_html": "token_heatmaps", "print_tokens": "token_heatmaps",
 }
 
 

