@@ -18,6 +18,7 @@ _LAZY = {
     "quantus_explain_func": "faithfulness", "PixelFlippingResult": "faithfulness",
     "mnist_sample": "data", "mnist_split": "data",
     "render_tokens": "token_heatmaps", "save_token_html": "token_heatmaps", "print_tokens": "token_heatmaps",
+    "render_explanation": "token_heatmaps",
 }
 
 

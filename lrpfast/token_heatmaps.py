@@ -4,6 +4,8 @@
     lrpfast.save_token_html("out.html", tokens, relevance, labels=["target: ' cat'"])
     lrpfast.print_tokens(tokens, relevance)      # ANSI 24-bit colours on a terminal, plain text
                                                  # ("tok[+0.42]") when not a TTY or NO_COLOR is set
+    e = lrpfast.hf.LRP(model)(ids, attention_mask=mask)
+    page = lrpfast.render_explanation(e, tokens_from_ids(tokenizer, ids), mask=mask)
 
 tokens are strings, one per relevance entry: a list for one sample or a list of lists for a batch
 (relevance (L,) or (B, L), a tensor, array or list). `mask` (B, L) leaves out positions where it is
@@ -253,3 +255,23 @@ def tokens_from_ids(tokenizer, input_ids, clean: bool = True) -> List[List[str]]
         toks = tokenizer.convert_ids_to_tokens(row)
         out.append([clean_token(t) if clean else t for t in toks])
     return out
+
+
+def render_explanation(explanation, tokens, format: str = "html", *, mask=None, labels=None, **kwargs) -> str:
+    """render_tokens for an lrpfast.hf Explanation: its `.tokens` relevance (B, L), or (B, K, L)
+    for K targets per sample (one row per sample and target, labelled with the target id).
+    tokens: the display strings per sample (B lists of L), e.g. tokens_from_ids(tokenizer, ids)."""
+    rel = getattr(explanation, "tokens", None)
+    if rel is None:
+        raise TokenHeatmapError("render_explanation: the explanation has no per-token relevance (.tokens is None: "
+                                "it did not explain token ids)")
+    if rel.dim() == 3:
+        b, k, n = rel.shape
+        targets = getattr(explanation, "targets", None)
+        tokens = [tokens[i] for i in range(b) for _ in range(k)]
+        if mask is not None:
+            mask = _to_numpy(mask).repeat(k, axis=0)
+        if labels is None and targets is not None:
+            labels = [f"sample {i}, target {int(targets[i, j])}" for i in range(b) for j in range(k)]
+        rel = rel.reshape(b * k, n)
+    return render_tokens(tokens, rel, format=format, mask=mask, labels=labels, **kwargs)

@@ -260,3 +260,24 @@ def test_cli_local_model_directory(tmp_path, capsys):
                      "--format", "plain", "--target", "1"]) == 0
     printed = capsys.readouterr().out
     assert "hello[" in printed and "good[" in printed and "class 1" in printed and "[PAD]" not in printed
+
+
+def test_render_explanation_of_lrpfast_hf_with_k_targets():
+    pytest.importorskip("transformers")
+    hf = pytest.importorskip("lrpfast.hf")
+    from lrpfast import explain_text
+    from lrpfast.token_heatmaps import render_explanation
+
+    model, tok, _ = explain_text.demo_model("demo-llama")
+    ids, mask, shown = tok.encode_batch(["one two three", "four five"])
+    e = hf.LRP(model)(ids, attention_mask=mask, target=torch.tensor([[3, 7], [5, 9]]))
+    assert e.tokens.shape == (2, 2, ids.shape[1])
+    page = render_explanation(e, shown, format="html", mask=mask)
+    p = _Spans()
+    p.feed(page)
+    want = [v for b in range(2) for k in range(2) for v in e.tokens[b, k][mask[b].bool()].tolist()]
+    got = [float(re.search(r"R = ([-+0-9.e]+)", s["title"]).group(1)) for s in p.spans]
+    assert np.allclose(got, want, rtol=1e-3, atol=0)
+    assert "sample 1, target 9" in page
+    with pytest.raises(TokenHeatmapError, match="no per-token relevance"):
+        render_explanation(type("E", (), {"tokens": None})(), shown)
