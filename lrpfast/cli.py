@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": ("lrpfast.bench", "time lrpfast against the floor, the seed-style baseline and the peers"),
     "explain-text": ("lrpfast.explain_text", "per-token relevance of a Hugging Face text model as coloured text "
                      "(terminal and HTML)"),
+    "crp": ("lrpfast.crp.cli", "Concept Relevance Propagation: an image's top concepts, and a dataset's concept index"),
 }
 
 

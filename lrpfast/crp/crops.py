@@ -153,26 +153,25 @@ def _image_rgb(img: torch.Tensor) -> np.ndarray:
 
 
 def save_concept_grid(path, rows: Sequence[Tuple[str, Optional[np.ndarray], Sequence[Crop]]], *,
-                      title: Optional[str] = None, first: Optional[Tuple[str, np.ndarray]] = None,
+                      title: Optional[str] = None, first: Sequence[Tuple[str, np.ndarray]] = (),
                       tile: float = 1.3, dpi: int = 100) -> str:
     """One picture: a row per concept, (label, its heatmap as an RGB array or None, its crops).
-    first: an optional (label, RGB) shown above the rows (the explained image). Returns the path."""
+    first: (label, RGB) tiles shown above the rows (the explained image, its heatmap). Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    ncols = max([len(c) + (h is not None) for _, h, c in rows] + [1])
-    nrows = len(rows) + (first is not None)
+    ncols = max([len(c) + (h is not None) for _, h, c in rows] + [len(first), 1])
+    nrows = len(rows) + bool(first)
     fig, axes = plt.subplots(nrows, ncols, figsize=(tile * ncols + 0.2, tile * nrows + (0.5 if title else 0.1)),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    r0 = 0
-    if first is not None:
-        axes[0, 0].imshow(first[1], interpolation="nearest")
-        axes[0, 0].set_title(first[0], fontsize=7)
-        r0 = 1
+    for j, (label, rgb) in enumerate(first):
+        axes[0, j].imshow(rgb, interpolation="nearest")
+        axes[0, j].set_title(label, fontsize=7)
+    r0 = 1 if first else 0
     for r, (label, heat, crops) in enumerate(rows, start=r0):
         col = 0
         if heat is not None:
@@ -185,7 +184,7 @@ def save_concept_grid(path, rows: Sequence[Tuple[str, Optional[np.ndarray], Sequ
             ax.set_title(f"#{c.sample}" if heat is not None or k else f"{label}\n#{c.sample}", fontsize=6)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()) if title else None)
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
