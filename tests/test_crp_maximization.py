@@ -232,3 +232,84 @@ def test_two_torchrun_ranks_equal_one_process(tmp_path):
                 np.testing.assert_allclose(a.arrays(layer)[k], v, rtol=1e-6, atol=1e-12)
             else:
                 np.testing.assert_array_equal(a.arrays(layer)[k], v, err_msg=f"{layer} {k}")
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture()
+def cli_files(tmp_path):
+    """A seeded seed_mnist_cnn state dict and 40 digit-like inputs (no training, no download)."""
+    from lrpfast.models import seed_mnist_cnn
+
+    torch.manual_seed(3)
+    model = seed_mnist_cnn()
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    g = torch.Generator().manual_seed(5)
+    data = tmp_path / "x.pt"
+    torch.save((torch.rand(40, 1, 28, 28, generator=g) > 0.7).float(), data)
+    return str(weights), str(data)
+
+
+def cli(*argv):
+    from lrpfast.cli import main
+
+    return main(list(argv))
+
+
+def test_cli_index_resume_and_explain(tmp_path, cli_files, capsys):
+    weights, data = cli_files
+    out = str(tmp_path / "idx")
+    base = ["--model", "seed_mnist_cnn", "--weights", weights, "--no-progress"]
+    assert cli("crp", "index", data, *base, "--layers", "3,7", "--top", "5", "--batch-size", "16", "--shard-size", "16",
+               "--out", out) == 0
+    assert "wrote 3 shards, skipped 0" in capsys.readouterr().out
+    idx = open_index(out)
+    assert idx.layers == ["3", "7"] and idx.arrays("3")["relevance_ids"].shape == (64, 5)
+    assert cli("crp", "index", data, *base, "--layers", "3,7", "--top", "5", "--batch-size", "16", "--shard-size", "16",
+               "--out", out) == 0
+    assert "wrote 0 shards, skipped 3 finished" in capsys.readouterr().out   # resumed: nothing recomputed
+    png = str(tmp_path / "c.png")
+    assert cli("crp", "explain", data, "--sample", "2", *base[:-1], "--layer", "3", "--top", "3", "--index", out,
+               "--refs", "4", "--out", png) == 0
+    text = capsys.readouterr().out
+    assert os.path.getsize(png) > 1000 and text.count("channel ") == 3 and "refs [" in text
+    # the shares printed are each channel's relevance over the layer's absolute total
+    assert "share" in text
+
+
+@pytest.mark.parametrize("case", ["unknown layer", "empty file", "empty folder", "no layer", "other model", "bad top"])
+def test_cli_errors_are_one_line_with_status_2(tmp_path, cli_files, capsys, case):
+    weights, data = cli_files
+    base = ["--model", "seed_mnist_cnn", "--weights", weights, "--no-progress"]
+    out = str(tmp_path / "idx")
+    if case == "unknown layer":
+        argv, want = ["crp", "index", data, *base, "--layers", "3,features.9", "--out", out], \
+            "lrpfast crp index: error: layer 'features.9': no such module; layers of Sequential: 0, 1, 2"
+    elif case == "empty file":
+        empty = str(tmp_path / "empty.pt")
+        torch.save(torch.zeros(0, 1, 28, 28), empty)
+        argv, want = ["crp", "index", empty, *base, "--layers", "3", "--out", out], "holds no inputs"
+    elif case == "empty folder":
+        os.makedirs(tmp_path / "imgs")
+        argv, want = ["crp", "index", str(tmp_path / "imgs"), *base, "--layers", "3", "--out", out], "has no images"
+    elif case == "no layer":
+        argv, want = ["crp", "explain", data, *base[:-1]], "--layer is required"
+    elif case == "other model":
+        assert cli("crp", "index", data, *base, "--layers", "3", "--top", "2", "--out", out) == 0
+        other = str(tmp_path / "other.pt")
+        torch.save({k: v + 1 for k, v in torch.load(weights).items()}, other)
+        argv, want = ["crp", "explain", data, "--model", "seed_mnist_cnn", "--weights", other, "--layer", "3",
+                      "--index", out], "built from another model"
+    else:
+        argv, want = ["crp", "index", data, *base, "--layers", "3", "--top", "0"], "argument --top: must be an int >= 1"
+    capsys.readouterr()
+    if case == "bad top":
+        with pytest.raises(SystemExit) as exc:
+            cli(*argv)
+        status = exc.value.code
+    else:
+        status = cli(*argv)
+    err = capsys.readouterr().err
+    assert status == 2 and want in err and err.count("\n") == 1, err
