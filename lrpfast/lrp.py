@@ -164,6 +164,10 @@ class LRP:
                  attention: str = "cp", per_shape: bool = False, **composite_params):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LRP: model must be an nn.Module, got {type(model).__name__}")
+        if type(model).__module__.startswith("transformers.") and hasattr(model, "config"):
+            # its forward takes token ids or several inputs by keyword and returns an output object
+            raise RelevanceError(f"LRP: {type(model).__name__} is a Hugging Face transformers model: explain it with "
+                                 "lrpfast.hf.LRP(model)(input_ids, attention_mask=...) (or pixel_values=...)")
         ops.check_stabilizer("LRP", eps, stabilizer)
         if init not in INITS:
             raise RelevanceError(f"LRP: init must be one of {INITS}, got {init!r}")

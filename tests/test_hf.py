@@ -306,3 +306,10 @@ def test_bad_input_is_a_clear_error():
         lrp(pixel_values=torch.zeros(1, 3, 4, 4, dtype=F64))
     with pytest.raises(RelevanceError, match="no get_input_embeddings"):
         H.LRP(torch.nn.Linear(2, 2))(ids)
+
+
+def test_plain_lrp_points_to_lrpfast_hf():
+    import lrpfast
+
+    with pytest.raises(RelevanceError, match="lrpfast.hf.LRP"):
+        lrpfast.LRP(model("vit"))
