@@ -313,3 +313,78 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, cli_files, capsys, case
         status = cli(*argv)
     err = capsys.readouterr().err
     assert status == 2 and want in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- reference crops
+
+
+def tap_mask_oracle(model, layer, x, channels, positions=None):
+    """The conditional relevance another way: the layer tap multiplies the relevance at the
+    layer's output by a one-hot mask per sample (exact CRP on this sequential model)."""
+    def mask(name, r):
+        m = torch.zeros_like(r.reshape(len(x), r.shape[1], -1))
+        for b, c in enumerate(channels):
+            if positions is None:
+                m[b, c] = 1
+            else:
+                m[b, c, positions[b]] = 1
+        return r * m.view_as(r)
+
+    return LayerTap(lrpfast.LRP(model), [layer], on_relevance=mask).explain(x)
+
+
+@pytest.mark.parametrize("layer,shape", [("0", (4, 8, 8)), ("3", (6, 2, 2))])
+def test_neuron_heatmaps_equal_a_mask_at_the_layer(layer, shape):
+    from lrpfast.crp.crops import neuron_relevance
+
+    model, x = toy_model(), toy_inputs()[:5]
+    channels = [0, 3, 1, 3, 2]
+    positions = [p % (shape[1] * shape[2]) for p in (5, 0, 3, 2, 1)]
+    lrp = lrpfast.LRP(model)
+    got = neuron_relevance(lrp, layer, x, channels, positions, shape=shape)
+    torch.testing.assert_close(got, tap_mask_oracle(model, layer, x, channels, positions), rtol=1e-10, atol=1e-13)
+    got = neuron_relevance(lrp, layer, x, channels)
+    torch.testing.assert_close(got, tap_mask_oracle(model, layer, x, channels), rtol=1e-10, atol=1e-13)
+    with pytest.raises(RelevanceError, match=f"position {shape[1] * shape[2]} is out of range"):
+        neuron_relevance(lrp, layer, x[:1], [0], [shape[1] * shape[2]], shape=shape)
+
+
+def test_crops_lie_in_the_neurons_receptive_field(tmp_path):
+    """Layer 0 (conv 3x3 on the 10x10 input): the neuron at (i, j) sees input rows i..i+2, cols
+    j..j+2; layer 3 (conv 3x3 after a 2x2 pool after conv 3x3) sees rows 2i..2i+7. With no margin
+    and no minimum size every crop lies inside that field, and holds the map's largest positive pixel."""
+    from lrpfast.crp.crops import reference_crops
+
+    build(tmp_path)
+    idx = open_index(tmp_path)
+    model, x = toy_model(), toy_inputs()
+    for layer, (stride, extent) in (("0", (1, 3)), ("3", (2, 8))):
+        w = idx.spatial(layer)[1]
+        for c in range(2):
+            crops = reference_crops(model, x, idx, layer, c, n=4, margin=0.0, min_size=0)
+            ids, _, pos = idx.top(layer, c, n=4)
+            assert [cr.sample for cr in crops] == ids.tolist()
+            for cr, p in zip(crops, pos.tolist()):
+                i, j = divmod(p, w)
+                top, bottom, left, right = cr.box
+                assert stride * i <= top < bottom <= stride * i + extent, (layer, cr.box, p)
+                assert stride * j <= left < right <= stride * j + extent, (layer, cr.box, p)
+                assert tuple(cr.image.shape[1:]) == (bottom - top, right - left)
+                if cr.heatmap.max() > 0:
+                    assert cr.heatmap.max() == cr.heatmap.max()   # noqa: PLR0124 (finite)
+
+
+def test_crop_box_threshold_margin_and_fallbacks():
+    from lrpfast.crp.crops import crop_box
+
+    h = torch.zeros(10, 10)
+    h[4, 5], h[6, 2], h[2, 8] = 1.0, 0.2, 0.05   # 0.05 is below 0.1 x the max
+    assert crop_box(h, 0.1, margin=0.0) == (4, 7, 2, 6)
+    assert crop_box(h, 0.01, margin=0.0) == (2, 7, 2, 9)
+    assert crop_box(h, 0.1, margin=0.0, min_size=6) == (3, 9, 1, 7)   # widened around the box
+    corner = torch.zeros(10, 10)
+    corner[0, 9] = 1.0
+    assert crop_box(corner, 0.1, margin=0.0, min_size=4) == (0, 4, 6, 10)   # shifted to stay inside the image
+    assert crop_box(h, 0.1, margin=0.5) == (2, 9, 0, 8)   # half the box size more on each side, clipped
+    assert crop_box(-h, 0.1, margin=0.0) == (4, 7, 2, 6)   # no positive relevance: |R|
+    assert crop_box(torch.zeros(10, 10)) == (0, 10, 0, 10)   # none at all: the whole image

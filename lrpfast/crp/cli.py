@@ -170,8 +170,8 @@ def _record_source(out_dir, data, args) -> None:
 def _explain(args) -> int:
     from ..dataset import Targets, make_lrp
     from ..heatmaps import heatmap
-    from .crops import neuron_relevance, reference_crops, save_concept_grid
-    from .layer_tap import LayerTap, channel_view
+    from .attribution import CondAttribution
+    from .crops import reference_crops, save_concept_grid
 
     spec, device, normalize, dataset, names, labels, model = _setup(args, args.image)
     layer = args.layer or (DEMO_LAYERS["explain"] if spec == "demo" else None)
@@ -192,33 +192,27 @@ def _explain(args) -> int:
     if rows_t is not None and rows_t.dim() == 2:
         raise RelevanceError("lrpfast crp explain: one target (argmax, a class index or label), not topK")
 
-    per_channel = {}
-
-    def read(name, r):
-        per_channel["r"] = channel_view(r.detach()).sum(2)[0]
-
-    full = LayerTap(lrp, [layer], on_relevance=read).explain(x, rows_t)
-    rel = per_channel["r"]
-    k = min(args.top, len(rel))
-    channels = rel.topk(k).indices
-    share = rel / rel.abs().sum().clamp_min(1e-30)
-    cond = neuron_relevance(lrp, layer, x.expand(k, *x.shape[1:]), channels, None,
-                            None if rows_t is None else rows_t.expand(k))
+    attr = CondAttribution(lrp)
+    n_channels = attr.relevances(x, [layer], rows_t)[layer].shape[1]
+    k = min(args.top, n_channels)
+    ranked = attr.rank(x, layer, k=k, target=rows_t)   # one forward, one pass fanned out to k concepts
+    channels, rel, share, cond = ranked.channels[0], ranked.relevance[0], ranked.share[0], ranked.relevance_maps[0]
+    full = lrp(x, rows_t)
     with torch.no_grad():
         logits = model(x)[0]
     explained = int(logits.argmax()) if rows_t is None else int(rows_t[0])
     print(f"{args.image} sample {args.sample}: class {explained} (logit {logits[explained].item():.3g}); "
-          f"top {k} concepts of layer {layer} ({len(rel)} channels):")
+          f"top {k} concepts of layer {layer} ({n_channels} channels):")
     rows = []
     img = x_show.cpu()
     for j, c in enumerate(channels.tolist()):
         crops = []
         if index is not None:
-            crops = reference_crops(lrp, index[1], index[0], layer, c, mode=args.mode, n=args.refs, transform=normalize,
+            crops = reference_crops(attr, index[1], index[0], layer, c, mode=args.mode, n=args.refs, transform=normalize,
                                     device=device)
-        print(f"  channel {c:>4}: relevance {rel[c].item():+.4g}  share {100 * share[c].item():5.1f}%"
+        print(f"  channel {c:>4}: relevance {rel[j].item():+.4g}  share {100 * share[j].item():5.1f}%"
               + (f"  refs {[cr.sample for cr in crops]}" if crops else ""))
-        rows.append((f"ch {c}: {100 * share[c].item():.1f}%", heatmap(cond[j].cpu(), args.cmap, input=img, alpha=1.0, scale=1),
+        rows.append((f"ch {c}: {100 * share[j].item():.1f}%", heatmap(cond[j].cpu(), args.cmap, input=img, alpha=1.0, scale=1),
                      crops))
     first = [("input", _rgb(img)), (f"LRP, class {explained}", heatmap(full[0].cpu(), args.cmap, input=img, alpha=1.0, scale=1))]
     title = (f"layer {layer}: top {k} concepts (share of the layer's relevance)"

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from ..ops import RelevanceError
-from .layer_tap import LayerTap, channel_view
 
 
 @dataclass
@@ -37,24 +36,43 @@ class Crop:
     heatmap: torch.Tensor            # (h, w) the neuron's conditional relevance there (channel sum)
 
 
-def neuron_relevance(lrp, layer: str, x: torch.Tensor, channels, positions=None, target=None) -> torch.Tensor:
-    """Relevance at the input (x's shape) when, at `layer`'s output, only channel channels[b]
-    (at flat position positions[b], if given) of sample b keeps its relevance: one pass for the
-    batch. Relevance on paths parallel to the layer (residual skips) is not masked (layer_tap)."""
-    channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1)
+def neuron_relevance(attr, layer: str, x: torch.Tensor, channels, positions=None, target=None,
+                     shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """(B, *x.shape[1:]): for each sample b, the relevance at the input when, at `layer`'s output,
+    only channel channels[b] (at flat position positions[b], if given; `shape` = the layer's
+    output (C, *spatial) then) keeps its relevance: CondAttribution's conditional relevance
+    (exclude_parallel=True: relevance around the layer on a residual skip is dropped, as in
+    zennit-crp). attr: a CondAttribution or an lrpfast.LRP. target: None (argmax), an int or (B,)."""
+    from .attribution import CondAttribution
+
+    attr = attr if isinstance(attr, CondAttribution) else CondAttribution(attr)
+    channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1).tolist()
     if len(channels) != len(x):
         raise RelevanceError(f"neuron_relevance: {len(channels)} channels for {len(x)} samples")
-
-    def mask(name, r):
-        m = torch.zeros_like(channel_view(r))
-        rows = torch.arange(len(x), device=r.device)
-        if positions is None or m.shape[2] == 1:
-            m[rows, channels.to(r.device)] = 1
-        else:
-            m[rows, channels.to(r.device), torch.as_tensor(positions, dtype=torch.long, device=r.device)] = 1
-        return r * m.view_as(r)
-
-    return LayerTap(lrp, [layer], on_relevance=mask).explain(x, target)
+    if positions is not None and shape is None:
+        raise RelevanceError("neuron_relevance: positions need the layer's output shape (C, *spatial)")
+    ys = [None] * len(x) if target is None else (
+        [int(target)] * len(x) if not isinstance(target, torch.Tensor) or target.dim() == 0
+        else [int(t) for t in target.reshape(-1).tolist()])
+    if positions is None:   # one channel per sample: K conditions on all samples, keep the diagonal
+        by_channel = sorted(set(zip(channels, ys)), key=lambda cy: (cy[0], -1 if cy[1] is None else cy[1]))
+        out = torch.empty_like(x)
+        for c, y in by_channel:
+            rows = [b for b in range(len(x)) if channels[b] == c and ys[b] == y]
+            res = attr(x[rows], [{"y": y, layer: [c]}])
+            out[rows] = res.relevance[:, 0]
+        return out
+    n_pos = int(torch.tensor(shape[1:]).prod())
+    for b, p in enumerate(positions):
+        if not 0 <= int(p) < n_pos or not 0 <= channels[b] < shape[0]:
+            raise RelevanceError(f"neuron_relevance: channel {channels[b]}, position {int(p)} is out of range for "
+                                 f"the layer's output {tuple(shape)} (positions 0..{n_pos - 1})")
+    out = []
+    for b in range(len(x)):   # a neuron each: one condition per sample
+        mask = torch.zeros(int(torch.tensor(shape).prod()), dtype=x.dtype, device=x.device)
+        mask[channels[b] * int(torch.tensor(shape[1:]).prod()) + int(positions[b])] = 1
+        out.append(attr(x[b:b + 1], [{"y": ys[b], layer: mask.view(*shape)}]).relevance[:, 0])
+    return torch.cat(out)
 
 
 def crop_box(heatmap: torch.Tensor, threshold: float = 0.1, margin: float = 0.15,
@@ -110,13 +128,17 @@ def reference_crops(lrp_or_model, dataset, index, layer: str, channel: int, *, m
                     transform=None, target=None, threshold: float = 0.1, margin: float = 0.15,
                     min_size: Optional[int] = None, device=None) -> List[Crop]:
     """The crops of channel `channel` of `layer` in its top-n samples of `index` (mode "relevance"
-    or "activation"), best first. lrp_or_model: an lrpfast.LRP (reused) or the model the index was
-    built from (settings default: the ε rule; pass an LRP built like the index for other
-    composites). transform: the index's per-batch normalisation (crops show the untransformed
+    or "activation"), best first. lrp_or_model: a CondAttribution or an lrpfast.LRP (reused), or
+    the model the index was built from (then the ε rule; pass an LRP built like the index for
+    other composites). transform: the index's per-batch normalisation (crops show the untransformed
     images). min_size: default a quarter of the image's shorter side."""
     from ..dataset import _split_item, make_lrp
 
-    lrp = lrp_or_model if hasattr(lrp_or_model, "explain") else make_lrp(lrp_or_model)
+    from .attribution import CondAttribution
+
+    attr = lrp_or_model if isinstance(lrp_or_model, CondAttribution) else CondAttribution(
+        lrp_or_model if hasattr(lrp_or_model, "explain") else make_lrp(lrp_or_model))
+    lrp = attr.lrp
     ids, values, pos = index.top(layer, channel, mode, n)
     if len(ids) == 0:
         return []
@@ -131,7 +153,8 @@ def reference_crops(lrp_or_model, dataset, index, layer: str, channel: int, *, m
     if isinstance(t, torch.Tensor):
         t = t.to(dev)
     spatial = index.spatial(layer)
-    rel = neuron_relevance(lrp, layer, x, [channel] * len(ids), torch.as_tensor(pos) if spatial else None, t)
+    rel = neuron_relevance(attr, layer, x, [channel] * len(ids), torch.as_tensor(pos) if spatial else None, t,
+                           (index.channels(layer), *spatial))
     maps = rel.sum(1) if rel.dim() == 4 else rel
     out = []
     for k in range(len(ids)):
