@@ -612,8 +612,9 @@ class MulStep(_EpsilonStep):
         out = []
         for j, (i, t) in enumerate(computed):
             c = s
-            for cst in const:
-                c = c * cst
+            for cst in const:   # a factor held constant may be per sample (derived.py): K maps each
+                c = _times_per_sample(c, cst, b) if isinstance(cst, torch.Tensor) and cst.dim() == z.dim() \
+                    and cst.shape[0] == b else c * cst
             for jj, (_, other) in enumerate(computed):
                 if jj != j:                         # the other computed factor, per sample
                     c = _times_per_sample(c, other, b)

@@ -9,6 +9,11 @@ With ε = 0 and the ε rule on every layer, LRP equals gradient × input of the 
   gradient, ½(a·b) + ½(a·b).detach() (AttnLRP's uniform rule; Achtibat et al. 2024),
 - the softmax of attention is detached ("cp": CP-LRP, Ali et al. 2022) or differentiated
   ("attnlrp": AttnLRP's softmax rule),
+- functions of one tensor written out as ops (lrpfast/derived.py's four rules): every computed
+  tensor's root (what it is computed from alone by elementwise ops, reductions and constants) is
+  tracked as the calls come; an elementwise nonlinear function of a root is an activation of it
+  (the ratio form above, against the nearest tensor its entries come from linearly), a factor
+  computed from the other factor alone and a computed divisor are detached,
 
 and everything linear (Linear, Conv, BatchNorm in eval, pooling, sums, reshapes, indexing, a max
 pooling's winner-take-all) is left to autograd. `gradient_oracle` computes exactly that with plain
@@ -63,17 +68,169 @@ def _half_split(y: torch.Tensor) -> torch.Tensor:
     return 0.5 * y + 0.5 * y.detach()
 
 
+# ---- functions of one tensor (the rule of lrpfast/derived.py, applied here at run time by names):
+# every computed tensor remembers its root (the tensor it is computed from alone through
+# elementwise ops, reductions and constants), whether it is linear and elementwise in it, and for
+# linear elementwise ops of one computed input the tensor they came from (a chain to walk up).
+_LIN_EW = {"add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__", "rsub", "neg",
+           "__neg__", "negative", "to", "float", "double", "half", "bfloat16", "type_as", "contiguous", "clone",
+           "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"}
+_MUL_NAMES = {"mul", "__mul__", "__rmul__", "__imul__", "multiply"}
+_DIV_NAMES = {"div", "__truediv__", "__itruediv__", "true_divide", "divide"}
+_POW_NAMES = {"pow", "__pow__", "__ipow__", "float_power"}
+_NL_EW = {"exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "square", "erf", "sin", "cos", "clamp", "clip",
+          "clamp_min", "clamp_max", "__rtruediv__", "__rpow__"} | _ACTIVATIONS
+_PASS = _ACTIVATIONS | {"clamp", "clip", "clamp_min", "clamp_max"}   # activations on any input
+_RED_LIN = {"mean", "sum"}
+_RED_NL = {"var", "std", "norm", "amax", "amin", "logsumexp"}
+
+
+class _Root:
+    __slots__ = ("root", "lin", "ew", "parent", "target", "alone")
+
+    def __init__(self, root, lin=True, ew=True, parent=None, target=None):
+        self.root, self.lin, self.ew, self.parent, self.target = root, lin, ew, parent, target
+        self.alone = None   # the tensors it is computed from alone, itself last (None: only itself)
+
+
+def _tensors(tree):
+    out, seen = [], set()
+    for v in torch.utils._pytree.tree_leaves(tree):
+        if _computed(v) and id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
 class _DetachRules(TorchFunctionMode):
     def __init__(self, attention: str):
         super().__init__()
         self.attention = attention
+        self.roots = {}   # id(tensor) -> (tensor, _Root); the tensors are held so that ids stay unique
+
+    # ------------------------------------------------------------------ one-tensor functions
+
+    def _info(self, t) -> _Root:
+        e = self.roots.get(id(t))
+        return e[1] if e is not None and e[0] is t else _Root(t)
+
+    def _chain(self, t):
+        out = []
+        while t is not None:
+            out.append(t)
+            t = self._info(t).parent
+        return out
+
+    def _target(self, root, xs):
+        entries = [x if self._info(x).lin else self._info(x).target for x in xs]
+        if any(e is None for e in entries):
+            return root
+        chains = [self._chain(e) for e in entries]
+        for cand in chains[0]:
+            if all(any(cand is c for c in ch) for ch in chains[1:]):
+                return cand
+        return root
+
+    def _one_tensor(self, func, name, base, args, kwargs, xs):
+        """The rule of lrpfast/derived.py for a call on computed tensors xs, or NotImplemented."""
+        if name in _MUL_NAMES:
+            kind = "mul" if len(args) >= 2 and _computed(args[0]) and _computed(args[1]) else "lin_ew"
+        elif name in _DIV_NAMES:
+            if not _computed(args[0]):
+                kind = "nl_ew"
+            else:
+                kind = "div" if len(args) >= 2 and _computed(args[1]) else "lin_ew"
+        elif name in _POW_NAMES:
+            e = args[1] if len(args) > 1 else kwargs.get("exponent")
+            kind = "lin_ew" if _computed(args[0]) and not isinstance(e, torch.Tensor) and e == 1 else "nl_ew"
+        elif base in _LIN_EW:
+            kind = "lin_ew"
+        elif base in _NL_EW:
+            kind = "nl_ew"
+        elif base in _RED_LIN:
+            kind = "red_lin"
+        elif base in _RED_NL:
+            kind = "red_nl"
+        else:
+            return NotImplemented
+        infos = [self._info(x) for x in xs]
+        roots = {id(i.root): i.root for i in infos}
+        if len(roots) != 1:
+            if kind == "div":   # rule 3 across roots: the divisor held, a root of its own after
+                return func(args[0], args[1].detach(), *args[2:], **kwargs), None
+            return NotImplemented
+        root = next(iter(roots.values()))
+        lin, ew = all(i.lin for i in infos), all(i.ew for i in infos)
+        held = None
+        if kind == "lin_ew":
+            out = _Root(root, lin, ew, xs[0] if len(xs) == 1 and lin else None,
+                        None if lin else self._target(root, xs))
+        elif kind == "red_lin":
+            out = _Root(root, lin, False)
+        elif kind == "red_nl":
+            out = _Root(root, False, False)
+        elif kind == "nl_ew":
+            out = _Root(root, False, ew, target=self._target(root, xs) if ew else None)
+        elif ew:                                            # rule 1: a product/quotient, elementwise
+            out = _Root(root, False, True, target=self._target(root, xs))
+        elif kind == "div":                                 # rule 3
+            held, out = 1, _Root(root, self._info(args[0]).lin, False)
+        elif self._from(args[1], args[0]) or self._from(args[0], args[1]) \
+                or self._info(args[0]).lin != self._info(args[1]).lin:   # rule 2: a factor from the other held
+            a, b = self._info(args[0]), self._info(args[1])
+            keep = 0 if (self._from(args[1], args[0]) or (not self._from(args[0], args[1]) and a.lin)) else 1
+            held, out = 1 - keep, _Root(root, (a, b)[keep].lin, False)
+        else:                                               # rule 4: the uniform split
+            return _half_split(func(*args, **kwargs)), _Root(root, False, False)
+        if held is not None:
+            args = tuple(a.detach() if i == held else a for i, a in enumerate(args))
+        y = func(*args, **kwargs)
+        forms = kind in ("nl_ew", "mul", "div") or len(xs) > 1   # (a linear op of one tensor keeps its rule)
+        if forms and not out.lin and out.ew and isinstance(y, torch.Tensor) and y.shape == out.target.shape:
+            y = _ratio_form(out.target, y)                  # rule 1: an activation of its target
+        elif kind == "nl_ew" and not ew and base in _PASS and len(xs) == 1 and y.shape == xs[0].shape:
+            y = _ratio_form(xs[0], y)                       # an activation of a non-elementwise input
+        return y, out
+
+    def _alone(self, t):
+        a = self._info(t).alone
+        return [t] if a is None else a
+
+    def _from(self, g, a) -> bool:
+        """g is computed from a alone."""
+        return any(t is a for t in self._alone(g))
+
+    def _remember(self, y, info, xs=()):
+        if isinstance(y, torch.Tensor) and info is not None:
+            common = self._alone(xs[0]) if xs else []
+            for x in xs[1:]:
+                other = self._alone(x)
+                common = [t for t in common if any(t is o for o in other)]
+            info.alone = common + [y]
+            self.roots[id(y)] = (y, info)
+        return y
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         name = _name(func)
         base = _base(name)
-        inplace = (name.endswith("_") and not name.endswith("__")) or name == "__imul__" \
+        inplace = (name.endswith("_") and not name.endswith("__")) or name in ("__imul__", "__iadd__", "__isub__",
+                                                                                "__itruediv__", "__ipow__") \
             or bool(kwargs.get("inplace", False))
+        xs = _tensors((args, kwargs))
+        if xs and (name not in _MATMULS):
+            twin = _out_of_place(func, name) if inplace else func
+            if twin is not None:
+                if "inplace" in kwargs:
+                    kwargs["inplace"] = False
+                got = self._one_tensor(twin, _out_of_place_name(name) if inplace else name, base, args, kwargs, xs)
+                if got is not NotImplemented:
+                    y, info = got
+                    if inplace and isinstance(args[0], torch.Tensor):
+                        y = args[0].copy_(y)
+                        if info is not None and info.root is args[0]:
+                            info = _Root(args[0], info.lin, info.ew, None, info.target)
+                    return self._remember(y, info, xs)
         if base in _ACTIVATIONS and args and _computed(args[0]):
             x = args[0]
             if "inplace" in kwargs:
@@ -198,6 +355,23 @@ class _DetachRules(TorchFunctionMode):
         if not batched:
             out = out.squeeze(1)
         return out, weights
+
+
+def _out_of_place_name(name: str) -> str:
+    if name.startswith("__i") and name.endswith("__"):
+        return "__" + name[3:]
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _out_of_place(func, name: str):
+    """The out-of-place twin of an in-place call (x.add_ -> Tensor.add, torch.relu_ -> torch.relu);
+    F.relu(x, inplace=True) is its own twin (inplace is switched off)."""
+    twin_name = _out_of_place_name(name)
+    if twin_name == name:
+        return func
+    if getattr(torch.Tensor, name, None) is func:
+        return getattr(torch.Tensor, twin_name, None)
+    return getattr(torch, twin_name, None) or getattr(F, twin_name, None)
 
 
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,

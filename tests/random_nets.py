@@ -39,7 +39,40 @@ ACTIVATIONS = {
     "softplus": (nn.Softplus, F.softplus, False, False),
     "hardsigmoid": (nn.Hardsigmoid, F.hardsigmoid, False, True),
     "selu": (nn.SELU, F.selu, True, False),
+    # written out as ops: one activation each (lrpfast/derived.py, rule 1)
+    "gelu_written": (lambda: Lambda(_gelu_written, "gelu written"), lambda x: _gelu_written(x), True, True),
+    "silu_written": (lambda: Lambda(_silu_written, "silu written"), lambda x: _silu_written(x), True, False),
+    "hardswish_written": (lambda: Lambda(_hardswish_written, "hardswish written"), lambda x: _hardswish_written(x),
+                          True, True),
+    "star_relu": (lambda: Lambda(_star_relu, "star relu"), lambda x: _star_relu(x), False, False),
 }
+
+
+def _gelu_written(x):
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def _silu_written(x):
+    return x * torch.sigmoid(x)
+
+
+def _hardswish_written(x):
+    return x * F.relu6(x + 3.0) / 6.0
+
+
+def _star_relu(x):   # metaformer's StarReLU, s * relu(x)**2 + b
+    return 0.8 * F.relu(x) ** 2 - 0.05
+
+
+class RMSWritten(nn.Module):
+    """RMSNorm written out (HF Llama, timm rms_norm2d): x * rsqrt(mean(x²) + eps) * w (rule 2)."""
+
+    def __init__(self, e):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(e) + 0.5)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
 
 class State:
@@ -449,6 +482,9 @@ class Gen:
         if kind == "act":
             return self.act(st)
         if kind == "norm":
+            if self.rng.random() < 0.25:
+                self.kinds.append("rmsnorm(written)")
+                return RMSWritten(e), st.copy(zeros=False)
             self.kinds.append("layernorm")
             if self.rng.random() < 0.5:
                 return nn.LayerNorm(e, elementwise_affine=self.rng.random() < 0.8), st.copy(zeros=False)

@@ -242,9 +242,11 @@ class AfterReLU(nn.Module):
         self.scale = nn.Parameter(torch.randn(6))
 
     def forward(self, x):
+        # ("positive": a product of two computed factors >= 0; a gate computed from h alone, like
+        # (2h + h).mean() * h, is held constant (lrpfast/derived.py) and the plan no longer counts on its sign)
         h = torch.relu(self.a(x))
         h = {"layernorm": lambda: self.ln(h), "negative_number": lambda: -2.0 * h, "add_number": lambda: h + (-3.0),
-             "parameter_factor": lambda: self.scale * h, "positive": lambda: (2.0 * h + h).mean(1, keepdim=True) * h}[
+             "parameter_factor": lambda: self.scale * h, "positive": lambda: torch.relu(self.a(x) + 1.0).mean(1, keepdim=True) * h}[
             self.kind]()
         return self.c(torch.relu(self.b(h)))
 

@@ -3,6 +3,8 @@ gradient oracle (lrpfast/oracle.py) in float64 with ε = 0, K targets against si
 the refusals that keep the batch dimension whole."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -82,7 +84,7 @@ def test_linear_op_with_a_composite_and_float32():
     (lambda y: torch.stack([y, y], 0)[0], "batch dimension"),
     (lambda y: y.flip(0), "batch dimension"),
     (lambda y: torch.roll(y, 1), "batch dimension"),
-    (lambda y: y / (torch.sigmoid(y) + 1.0), "divides by a tensor computed from the input"),
+    (lambda y: 1.0 / y.sum((1, 2, 3), keepdim=True) + y, "divides a constant by a tensor computed"),
     (lambda y: y.repeat(2, 1, 1, 1)[:2], "batch dimension"),
 ])
 def test_ops_across_the_batch_are_refused(f, match):
@@ -264,3 +266,139 @@ def test_tracing_leaves_no_state_and_optional_arguments_take_their_defaults():
     x = torch.randn(2, 4, dtype=F64)
     e = lrpfast.LRP(model, eps=0.0).explain(x)    # a second trace in the same process
     assert rel_l2(e.logits, model(x)) < 1e-15
+
+
+# ----------------------------------------------------------------------------- functions of one tensor
+# (lrpfast/derived.py): written-out activations are activations, normalisers and gates computed
+# from the other factor are held constant, a computed divisor is held constant
+
+
+def _gelu_written(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class StarReLU(nn.Module):   # metaformer's, with its ReLU module
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.scale, self.bias = nn.Parameter(torch.tensor(0.8)), nn.Parameter(torch.tensor(-0.05))
+
+    def forward(self, x):
+        return self.scale * self.relu(x) ** 2 + self.bias
+
+
+DERIVED = {
+    "rmsnorm_written": lambda y: y * torch.rsqrt(y.pow(2).mean(1, keepdim=True) + 1e-5) * 2.0,
+    "rmsnorm_cast": lambda y: 1.5 * (y.to(torch.float64) * torch.rsqrt(y.to(torch.float64).pow(2).mean(-1, keepdim=True)
+                                                                       + 1e-6)).to(y.dtype),
+    "layernorm_written": lambda y: (y - y.mean(1, keepdim=True))
+    / torch.sqrt((y - y.mean(1, keepdim=True)).pow(2).mean(1, keepdim=True) + 1e-5),
+    "layernorm_rsqrt_var": lambda y: (y - y.mean(1, keepdim=True)) * torch.rsqrt(y.var(1, keepdim=True) + 1e-5),
+    "gelu_written": _gelu_written,
+    "silu_written": lambda y: y * torch.sigmoid(y),
+    "silu_quotient": lambda y: y / (1.0 + torch.exp(-y)),
+    "hardswish_written": lambda y: y * F.relu6(y + 3.0) / 6.0,
+    "square_method": lambda y: y.square() + y * y,
+    "gate_from_mean": lambda y: y * torch.sigmoid(y.mean((2, 3), keepdim=True)),
+    "inplace_gate": lambda y: (y + 0.0).mul_(torch.sigmoid(y.amax((2, 3), keepdim=True))),
+    "normaliser_across": lambda y: y[:, :2] / (y[:, 2:].abs().sum(1, keepdim=True) + 1.0),
+    "clamp": lambda y: torch.clamp(y, -0.5, 0.7) + y.clip(min=0.1),
+    "exp_activation": lambda y: torch.exp(-y) * 0.5,
+}
+
+
+class Head(nn.Module):
+    """conv -> f -> flatten -> linear: f on a conv output with no exact zeros (f(0) != 0 is fine)."""
+
+    def __init__(self, f, mods=()):
+        super().__init__()
+        self.f, self.mods = f, nn.ModuleList(mods)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.head(self.f(self.conv(x)).flatten(1))
+
+
+def _head(f, *mods):
+    torch.manual_seed(0)
+    model = Head(f, mods).to(F64)
+    model(torch.zeros(1, 3, 6, 6, dtype=F64))   # materialise the lazy head
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", list(DERIVED) + ["star_relu"])
+def test_function_of_one_tensor_equals_oracle(case):
+    if case == "star_relu":
+        star = StarReLU()
+        model = _head(star, star)
+    else:
+        model = _head(DERIVED[case])
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    t = torch.tensor([0, 2])
+    lrp = lrpfast.LRP(model, eps=0.0)
+    e = lrp.explain(x, t)
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert rel_l2(e.relevance, gradient_oracle(model, x, t)) < 1e-12
+    both = lrp(x, torch.tensor([[0, 2], [1, 1]]))           # K = 2 maps per sample: held factors per sample
+    assert rel_l2(both[:, 1], lrp(x, torch.tensor([2, 1]))) < 1e-13
+
+
+class Flat(nn.Module):
+    """x (B, 4) -> f -> linear: the relevance at f's output is y ⊙ W[t] (ε = 0, logit start), so
+    each rule's relevance at x has a formula."""
+
+    def __init__(self, f, n=4):
+        super().__init__()
+        self.f, self.head = f, nn.Linear(n, 3)
+
+    def forward(self, x):
+        return self.head(self.f(x))
+
+
+def _flat_case(f, n=4):
+    torch.manual_seed(1)
+    model = Flat(f, n).to(F64).eval()
+    x = torch.randn(5, 4, dtype=F64)
+    t = torch.tensor([0, 1, 2, 0, 1])
+    y = f(x)
+    r_y = y * model.head.weight[t]
+    return lrpfast.LRP(model, eps=0.0)(x, t), r_y, x
+
+
+def test_written_activation_passes_relevance_unchanged():
+    # rule 1: GELU written out is an activation of x, R_x = R_y (also what nn.GELU("tanh") gives)
+    r, r_y, x = _flat_case(_gelu_written)
+    assert rel_l2(r, r_y) < 1e-13
+
+
+def test_written_activation_after_a_bias_sends_relevance_to_the_biased_tensor():
+    # x * sigmoid(x) on z = x + b: the activation's relevance goes to z, the bias keeps its share
+    b = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=F64)
+    r, r_y, x = _flat_case(lambda x: (x + b) * torch.sigmoid(x + b))
+    assert rel_l2(r, r_y * x / (x + b)) < 1e-12
+
+
+def test_written_rmsnorm_holds_its_normaliser():
+    # rule 2: y = x * g(x) with g = rsqrt(mean(x²) + eps) constant: R_x = x ⊙ g ⊙ R_y / y = R_y
+    r, r_y, x = _flat_case(lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert rel_l2(r, r_y) < 1e-13
+
+
+def test_computed_divisor_is_held_constant():
+    # rule 3: y = x[:, :2] / (|x[:, 2:]|.sum + 1): all relevance to the numerator, none to the divisor
+    r, r_y, x = _flat_case(lambda x: x[:, :2] / (x[:, 2:].abs().sum(1, keepdim=True) + 1.0), n=2)
+    assert rel_l2(r[:, :2], r_y) < 1e-13 and r[:, 2:].abs().max() == 0
+
+
+def test_product_of_two_roots_keeps_the_uniform_split():
+    # rule 4: SwiGLU-like x[:, :2] * silu(x[:, 2:]): half each (the silu passes its half to x[:, 2:])
+    r, r_y, x = _flat_case(lambda x: x[:, :2] * F.silu(x[:, 2:]), n=2)
+    assert rel_l2(r[:, :2], r_y / 2) < 1e-13 and rel_l2(r[:, 2:], r_y / 2) < 1e-13
+
+
+def test_star_relu_is_an_activation_then_scale_and_bias():
+    # relu(x)**2 is one activation; the scale is a constant factor, the bias absorbs its share
+    r, r_y, x = _flat_case(lambda x: 0.8 * F.relu(x) ** 2 - 0.05)
+    y = 0.8 * F.relu(x) ** 2 - 0.05
+    assert rel_l2(r, r_y * (y + 0.05) / y) < 1e-12

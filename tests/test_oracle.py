@@ -219,3 +219,56 @@ def test_torchvision_equals_oracle(name):
 @pytest.mark.parametrize("name", _torchvision_names())
 def test_torchvision_equals_oracle_full(name):
     _torchvision_case(name)
+
+
+# ----------------------------------------------------------------------------- functions of one tensor
+# The oracle tracks what each tensor is computed from on its own (lrpfast/derived.py's rule, applied
+# at run time): a written-out activation/normaliser must give what the module gives.
+
+
+class _Tok(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.inp, self.f, self.out = nn.Linear(5, 8), f, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.f(self.inp(x)).mean(1))
+
+
+class _RMSWritten(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.weight = nn.Parameter(w.clone())
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+@pytest.mark.parametrize("pair", ["gelu", "silu", "hardswish", "rmsnorm"])
+def test_oracle_treats_written_out_functions_as_their_modules(pair):
+    w = torch.rand(8, dtype=F64) + 0.5
+    written, module = {
+        "gelu": (lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3)))),
+                 nn.GELU("tanh")),
+        "silu": (lambda x: x * torch.sigmoid(x), nn.SiLU()),
+        "hardswish": (lambda x: x * F.relu6(x + 3) / 6, nn.Hardswish()),
+        "rmsnorm": (_RMSWritten(w), nn.RMSNorm(8, eps=1e-6)),
+    }[pair]
+    if pair == "rmsnorm":
+        with torch.no_grad():
+            module.weight.copy_(w)
+    torch.manual_seed(0)
+    a = _Tok(written).to(F64).eval()
+    b = _Tok(module).to(F64).eval()
+    b.load_state_dict(a.state_dict(), strict=False)
+    b.inp.load_state_dict(a.inp.state_dict())
+    b.out.load_state_dict(a.out.state_dict())
+    x = torch.randn(3, 4, 5, dtype=F64)
+    t = torch.tensor([0, 1, 2])
+    ra, rb = gradient_oracle(a, x, t), gradient_oracle(b, x, t)
+    assert torch.allclose(a(x), b(x), atol=1e-12)
+    assert ((ra - rb).norm() / rb.norm()).item() < 1e-12
+    # and plain gradient x input differs: the rule is what makes them equal
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(a(xg).gather(1, t[:, None]).sum(), xg)
+    assert ((xg * g - rb).norm() / rb.norm()).item() > 1e-6
