@@ -13,5 +13,8 @@ maximisation over a dataset and reference crops build on it (lrpfast/crp/maximiz
 lrpfast/crp/crops.py).
 """
 from .attribution import CondAttribution, ConceptRanking, CRPResult, layer_names
+from .crops import reference_crops, save_concept_grid
+from .maximization import ConceptIndex, open_index, relevance_maximization
 
-__all__ = ["CondAttribution", "ConceptRanking", "CRPResult", "layer_names"]
+__all__ = ["CondAttribution", "ConceptRanking", "CRPResult", "layer_names", "relevance_maximization", "open_index",
+           "ConceptIndex", "reference_crops", "save_concept_grid"]
