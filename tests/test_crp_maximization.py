@@ -21,7 +21,7 @@ from lrpfast.crp.maximization import open_index, relevance_maximization, select_
 from lrpfast.dataset import shard_path
 from lrpfast.ops import RelevanceError
 
-from .crp_index_worker import BATCH_SIZE, LAYERS, N_SAMPLES, N_TOP, SHARD_SIZE, build, toy_inputs, toy_model
+from .crp_index_worker import LAYERS, N_SAMPLES, N_TOP, SHARD_SIZE, build, toy_inputs, toy_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # layer -> (the node whose INPUT relevance is the layer's output relevance, the model prefix giving its output)
@@ -161,7 +161,7 @@ def test_resume_refuses_other_settings_and_changed_data(tmp_path):
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
-    with pytest.raises(RelevanceError, match=r"layer 'features\.9': no such module; layers of Sequential: 0, 1, 2"):
+    with pytest.raises(RelevanceError, match=r"unknown layer 'features\.9': no module of that name.*'0', '1'"):
         relevance_maximization(toy_model(), toy_inputs(), tmp_path / "a", ["features.9"], progress=False)
     with pytest.raises(RelevanceError, match="dataset is empty"):
         relevance_maximization(toy_model(), toy_inputs()[:0], tmp_path / "b", ["0"], progress=False)
@@ -286,7 +286,7 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, cli_files, capsys, case
     out = str(tmp_path / "idx")
     if case == "unknown layer":
         argv, want = ["crp", "index", data, *base, "--layers", "3,features.9", "--out", out], \
-            "lrpfast crp index: error: layer 'features.9': no such module; layers of Sequential: 0, 1, 2"
+            "lrpfast crp index: error: CRP: unknown layer 'features.9': no module of that name"
     elif case == "empty file":
         empty = str(tmp_path / "empty.pt")
         torch.save(torch.zeros(0, 1, 28, 28), empty)
@@ -388,3 +388,16 @@ def test_crop_box_threshold_margin_and_fallbacks():
     assert crop_box(h, 0.1, margin=0.5) == (2, 9, 0, 8)   # half the box size more on each side, clipped
     assert crop_box(-h, 0.1, margin=0.0) == (4, 7, 2, 6)   # no positive relevance: |R|
     assert crop_box(torch.zeros(10, 10)) == (0, 10, 0, 10)   # none at all: the whole image
+
+
+def test_container_layers_are_named_as_in_cond_attribution(tmp_path):
+    """A block (a Sequential of conv + ReLU) is a layer as CondAttribution names it: its output is
+    its ReLU's, so its index equals the ReLU's."""
+    inner = toy_model()
+    model = torch.nn.Sequential(torch.nn.Sequential(inner[0], inner[1]), *list(inner)[2:]).eval()
+    x = toy_inputs()
+    relevance_maximization(model, x, tmp_path / "a", ["0", "0.1"], n_top=4, shard_size=16, progress=False)
+    idx = open_index(tmp_path / "a")
+    for k, v in idx.arrays("0.1").items():
+        np.testing.assert_array_equal(idx.arrays("0")[k], v, err_msg=k)
+    assert (idx.arrays("0")["activation_values"] >= 0).all()   # after the ReLU

@@ -21,40 +21,23 @@ drops the parallel part as zennit-crp does.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from .. import nodes as N
-from ..ops import RelevanceError
-
-
-def module_steps(plan) -> Dict[str, object]:
-    """Module name -> the plan step computing that module's output, for every module the traced
-    forward calls once and that has a step of its own."""
-    by_name = {s.name: s for s in plan.steps}
-    found: Dict[str, List[object]] = {}
-    for node in plan.gm.graph.nodes:
-        if node.op == "call_module" and node.name in by_name:
-            found.setdefault(str(node.target), []).append(by_name[node.name])
-    return {name: steps[0] for name, steps in found.items() if len(steps) == 1}
 
 
 def resolve_layers(lrp, layers: Sequence[str], x: Optional[torch.Tensor] = None) -> Dict[str, object]:
-    """layer name -> plan step, or a RelevanceError naming the unknown layer and the valid ones."""
+    """layer name -> the plan step computing that layer's output, with the names CondAttribution
+    accepts (lrpfast/crp/layers.py: leaf modules, containers such as a ResNet block, a folded
+    BatchNorm), or a RelevanceError naming the layer and what is wrong with it."""
+    from .layers import index_for
+
     plan = lrp.prepare(x) if x is not None else lrp.plan
-    steps = module_steps(plan)
-    out = {}
-    for name in layers:
-        if name not in steps:
-            valid = [n for n in steps if n]
-            modules = dict(lrp.model.named_modules())
-            why = ("the traced forward calls it more than once or it has no step of its own (a BatchNorm folded "
-                   "into the layer before it: name that layer)" if name in modules else "no such module")
-            raise RelevanceError(f"layer {name!r}: {why}; layers of {type(lrp.model).__name__}: "
-                                 f"{', '.join(valid[:40])}{' ...' if len(valid) > 40 else ''}")
-        out[name] = steps[name]
-    return out
+    cache = lrp.__dict__.setdefault("_crp_layer_index", {})
+    index = index_for(cache, plan, lrp.model)
+    return {name: plan.steps[index.step(name)] for name in layers}
 
 
 class LayerTap:
