@@ -930,7 +930,13 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
     # AttnLRP takes the softmax's Taylor step, R = x ⊙ Jᵀ(R/z): the generic linear rule
     if (not is_method and t in (F.softmax, torch.softmax)) or (is_method and t == "softmax"):
         if plan.attention == "cp":
-            return add(N.ConstExprStep(name, _callable(node), ref(node.args), ref(node.kwargs), _load,
+            def per_sample(*a, _fn=_callable(node), **k):   # held constant, yet within each sample
+                dims = op_rules._softmax_dims(a, k, a[0].dim())
+                if dims is None or 0 in dims:   # (or a merged batch's rows: lrpfast/merged_batch.py)
+                    raise RelevanceError(f"LRP: node {name!r} ({what}) normalises along the batch dimension (dim "
+                                         "0, or none given): each sample's weights would depend on the others")
+                return _fn(*a, **k)
+            return add(N.ConstExprStep(name, per_sample, ref(node.args), ref(node.kwargs), _load,
                                        what + " (held constant: CP-LRP)"), node)
         return _linear_op_step(plan, node, index, add, ref, op_rules.SOFTMAX, eps, stabilizer)
 

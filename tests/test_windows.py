@@ -341,6 +341,18 @@ def test_rows_repeated_by_counts_per_row_are_refused():
         lrpfast.LRP(model, eps=0.0).explain(torch.randn(2, 4, dtype=F64), 0)
 
 
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+@pytest.mark.parametrize("merged", [False, True])
+def test_softmax_across_the_batch_is_refused(attention, merged):
+    """Weights normalised over dim 0 (the batch, or a merged batch's rows) make a sample's map depend
+    on its batchmates; the gradient oracle cannot tell (it sums over the batch): refused, also
+    where CP-LRP holds the weights constant."""
+    fold = (lambda x: x.reshape(-1, 4)) if merged else (lambda x: x.flatten(1)[:, :4])
+    model = Lam(lambda x: (fold(x).softmax(0) * fold(x)).reshape(2, -1, 4).mean(1)).to(F64)
+    with pytest.raises(RelevanceError, match=r"'softmax'.*(normalises|acts) along the batch dimension"):
+        lrpfast.LRP(model, eps=0.0, attention=attention).explain(torch.randn(2, 3, 4, dtype=F64), 0)
+
+
 def test_merged_output_is_refused():
     model = Lam(lambda x: x.reshape(-1, 4)).to(F64)   # (B*3, classes) logits
     with pytest.raises(RelevanceError, match=r"logits \(B, classes\) with B = 2"):
