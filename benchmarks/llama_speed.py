@@ -128,6 +128,7 @@ def _lrpfast_token_api(model):
     def run(ids):
         return lrp(ids).tokens
 
+    run.lrp = lrp
     return run
 
 
@@ -278,21 +279,95 @@ def print_row(row):
         print(f"|   ({row['skipped']}) |", flush=True)
 
 
-def profile_lrpfast(batch, seq, vocab, top=25):
-    """Where lrpfast's time goes on the llama case: torch.profiler's op table of a few warm calls."""
+def _time_steps(plan, calls, fn, ids):
+    """Wall time per plan step (its forward and its relevance step), summed over `calls` calls."""
+    from collections import defaultdict
+
+    acc = defaultdict(float)
+    shapes = {}
+    saved = []
+    for st in plan.steps:
+        for meth in ("forward", "relprop"):
+            orig = getattr(st, meth)
+            key = (meth, type(st).__name__, st.describe()[:70])
+
+            def timed(*a, _orig=orig, _key=key, **k):
+                t0 = time.perf_counter()
+                out = _orig(*a, **k)
+                acc[_key] += time.perf_counter() - t0
+                if _key[0] == "forward" and isinstance(out, torch.Tensor):
+                    shapes[_key[2]] = tuple(out.shape)
+                return out
+
+            setattr(st, meth, timed)
+            saved.append((st, meth))
+    try:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(ids)
+        total = time.perf_counter() - t0
+    finally:
+        for st, meth in saved:
+            delattr(st, meth)   # back to the class's method
+    return acc, total, shapes
+
+
+def profile_lrpfast(batch, seq, vocab, top=25, calls=5):
+    """Where lrpfast's time goes on the llama case: per plan step (forward and relevance step,
+    grouped by step type and the most expensive single steps), against the floor's total; then
+    torch.profiler's op tables of both."""
+    from collections import defaultdict
+
     from torch.profiler import ProfilerActivity, profile
 
     model = llama(vocab)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch))
     fn = llama_lrpfast(model, ids)
     floor = llama_floor(model)
+    for _ in range(2):
+        fn(ids), floor(ids)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        floor(ids)
+    t_floor = (time.perf_counter() - t0) / calls
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            model(input_ids=ids, use_cache=False)
+        t_fwd = (time.perf_counter() - t0) / calls
+    inner = fn.lrp._explainers["inputs_embeds"][1]
+    acc, total, shapes = _time_steps(inner.plan, calls, fn, ids)
+    per = {k: v / calls for k, v in acc.items()}
+    total /= calls
+    by_kind = defaultdict(float)
+    for (meth, kind, _), v in per.items():
+        by_kind[(meth, kind)] += v
+    fwd = sum(v for (m, _), v in by_kind.items() if m == "forward")
+    rel = sum(v for (m, _), v in by_kind.items() if m == "relprop")
+    print(f"## llama b{batch} seq {seq}: floor {t_floor * 1e3:.1f} ms (model forward alone, no grad: "
+          f"{t_fwd * 1e3:.1f} ms); lrpfast {total * 1e3:.1f} ms = steps' forward {fwd * 1e3:.1f} + relevance "
+          f"{rel * 1e3:.1f} + outside the steps {(total - fwd - rel) * 1e3:.1f}")
+    # the rotary embedding: q*cos + cat(-q2, q1)*sin on (B, heads, L, head_dim) tensors (SDPA keeps
+    # attention-score tensors inside its own step, so every other 4-D elementwise step is RoPE)
+    rope_kinds = {"MulStep", "AddStep", "IndexStep", "CatStep", "LinearOpStep", "DerivedStep", "PassStep"}
+    rope = {k: v for k, v in per.items() if k[1] in rope_kinds and len(shapes.get(k[2], ())) == 4}
+    rf = sum(v for k, v in rope.items() if k[0] == "forward")
+    rr = sum(v for k, v in rope.items() if k[0] == "relprop")
+    print(f"rotary embedding steps (elementwise/slicing/cat on (B, heads, L, head_dim), {len(rope) // 2} steps): "
+          f"forward {rf * 1e3:.1f} ms + relevance {rr * 1e3:.1f} ms = {(rf + rr) / total:.1%} of lrpfast's time")
+    print("| pass | step type | ms per call | share |")
+    print("|---|---|---:|---:|")
+    for (meth, kind), v in sorted(by_kind.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"| {meth} | {kind} | {v * 1e3:.2f} | {v / total:.1%} |")
+    print("\n| pass | most expensive single steps | ms per call |")
+    print("|---|---|---:|")
+    for (meth, kind, desc), v in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"| {meth} | {desc} | {v * 1e3:.2f} |")
     for name, f in (("floor", floor), ("lrpfast", fn)):
-        for _ in range(2):
-            f(ids)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
             for _ in range(3):
                 f(ids)
-        print(f"## {name} (3 calls)")
+        print(f"\n## torch ops: {name} (3 calls)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
