@@ -62,13 +62,16 @@ def _configs():
                   "Qwen2ForCausalLM", "causal"),
         "qwen3": ("transformers.models.qwen3.modeling_qwen3", T.Qwen3Config(head_dim=8, sliding_window=None, **llama_like),
                   "Qwen3ForCausalLM", "causal"),
+        # not in LXT 2.1's default map: run with a patch map of LXT's own Llama patches (custom_map)
+        "mistral": ("transformers.models.mistral.modeling_mistral", T.MistralConfig(sliding_window=None, **llama_like),
+                    "MistralForCausalLM", "causal"),
         "gemma3": ("transformers.models.gemma3.modeling_gemma3",
                    T.Gemma3TextConfig(head_dim=8, sliding_window=4, **llama_like),
                    "Gemma3ForCausalLM", "causal"),
     }
 
 
-MODELS = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
+MODELS = ("bert", "gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma3")
 
 
 @dataclass
@@ -129,9 +132,28 @@ def target_logits(kind: str, logits: torch.Tensor, mask: torch.Tensor, positions
 
 
 def _patch_map(built: Built):
-    from lxt.efficient.models import get_default_map
+    from lxt.efficient.models import DEFAULT_MAP, get_default_map
 
-    return get_default_map(built.module)
+    if built.module in DEFAULT_MAP:
+        return get_default_map(built.module)
+    return custom_map(built)
+
+
+def custom_map(built: Built) -> dict:
+    """LXT's patch map for a Llama-like family its default map lacks (Mistral): the same patch
+    functions LXT applies to Llama (lxt/efficient/models/llama.py), on this family's classes, as
+    LXT's README suggests for other models."""
+    from functools import partial
+
+    from lxt.efficient.patches import dropout_forward, gated_mlp_forward, patch_attention, patch_method, \
+        rms_norm_forward
+
+    prefix = built.model_class.split("For")[0]
+    mod = built.module
+    return {getattr(mod, f"{prefix}MLP"): partial(patch_method, gated_mlp_forward),
+            getattr(mod, f"{prefix}RMSNorm"): partial(patch_method, rms_norm_forward),
+            torch.nn.Dropout: partial(patch_method, dropout_forward),
+            mod: patch_attention}
 
 
 class LxtPatch:
@@ -235,7 +257,7 @@ def lxt_relevance(built: Built, model, ids, mask, positions=None, target=None):
 
 
 def supported() -> Dict[str, bool]:
-    """Which families LXT 2.1's default map covers (all of MODELS)."""
+    """Which families LXT 2.1's default map covers (all of MODELS but mistral)."""
     from lxt.efficient.models import DEFAULT_MAP
 
     names = {m.__name__.rsplit(".", 1)[-1] for m in DEFAULT_MAP}

@@ -7,8 +7,8 @@ Runs in the LXT environment (benchmarks/lxt_env.sh; lrpfast comes from this chec
     .venv-lxt/bin/python benchmarks/lxt_parity.py                  # all families, sdpa + eager
     .venv-lxt/bin/python benchmarks/lxt_parity.py --models llama --attn eager --json /tmp/p.json
 
-For each family (BERT sequence classifier; GPT-2, Llama, Qwen2, Qwen3, Gemma3 causal LMs; the
-families LXT 2.1's efficient mode patches), attention implementation and case (one sample; a batch
+For each family (BERT sequence classifier; GPT-2, Llama, Qwen2, Qwen3, Gemma3 causal LMs: the
+families LXT 2.1's efficient mode patches; Mistral with a map of LXT's Llama patches), attention implementation and case (one sample; a batch
 of 3 with right padding, samples of 12, 10 and 8 tokens), three maps of the same target (the
 classifier's argmax class, or the argmax next-token logit at each sample's last real token):
 
