@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
-from . import derived, merged_repeat, op_rules, shape_trace
+from . import derived, merged_repeat, op_rules, shape_trace, stacking
 from . import transformer as T
 # Activations (LRP's pass rule) are a table of their own, shared with torch_transformers.py.
 from .activations import (ACTIVATIONS as _ACTIVATIONS, FUNCTIONAL_ACTIVATIONS as _FUNCTIONAL_ACTIVATIONS,
@@ -848,6 +848,20 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         step = N.AdaptiveAvgPoolStep(name, _ADAPTIVE_AVG_FUNCTIONS[t], _constant(node, "output_size", b["output_size"]),
                                      eps, stabilizer, what)
         return add(step, node, b["input"])
+    if not is_method and t is torch.stack and isinstance(node.kwargs.get("tensors", node.args[0] if node.args else None),
+                                                          (list, tuple)):
+        b = _bind(node, ["tensors", "dim"], {"dim": 0})
+        if all(isinstance(a, fx.Node) for a in b["tensors"]):   # the batch may move (stacking.py)
+            idx = [index[a] for a in b["tensors"]]
+            step = stacking.StackStep(name, _constant(node, "dim", b["dim"]), lambda env, idx=idx: [env[i] for i in idx])
+            return add(step, node, None, idx)
+    if (not is_method and t is torch.sum) or (is_method and t == "sum"):
+        b = _bind(node, ["input", "dim", "keepdim", "dtype"], {"dim": None, "keepdim": False, "dtype": None})
+        dims = _constant(node, "dim", b["dim"])
+        if dims is not None and b["dtype"] is None:   # over given dims, the batch anywhere: as a mean
+            dims = (dims,) if isinstance(dims, int) else tuple(dims)
+            step = N.MeanStep(name, dims, bool(_constant(node, "keepdim", b["keepdim"])), eps, stabilizer, total=True)
+            return add(step, node, b["input"])
     if (not is_method and t is torch.mean) or (is_method and t == "mean"):
         b = _bind(node, ["input", "dim", "keepdim", "dtype"], {"dim": None, "keepdim": False, "dtype": None})
         dims = _constant(node, "dim", b["dim"])
@@ -919,10 +933,15 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         fx.node.map_arg(item, index_nodes.append)
         advanced = [a.name for a in index_nodes if steps[index[a]].tensor_output]
         entries = item if isinstance(item, tuple) else (item,)
+        computed = [a.name for a in index_nodes if steps[index[a]].tensor_output
+                    and not isinstance(steps[index[a]], N.ConstStep)]
+        if computed:
+            raise RelevanceError(f"LRP: node {name!r} indexes with a tensor computed from the input "
+                                 f"({', '.join(computed)}): no relevance rule (each sample would select differently); "
+                                 "constant index lists/tensors on non-batch dims (x[:, idx]) are supported")
         if advanced or any(isinstance(e, (list, tuple, bool, torch.Tensor)) for e in entries):
-            raise RelevanceError(f"LRP: node {name!r} indexes with a tensor, list or bool "
-                                 f"({', '.join(advanced) or repr(item)}): advanced indexing has no relevance rule; "
-                                 "basic indexing (ints, slices, None, ...) keeping the batch dim is supported")
+            # constant indices: the op copies elements (op table, COPY; the batch taken whole)
+            return _linear_op_step(plan, node, index, add, ref, op_rules.ADVANCED_INDEX, eps, stabilizer)
         return add(N.IndexStep(name, ref((item,)), _load), node, node.args[0])
 
     # ---- softmax outside attention modules (attention written by hand): CP-LRP holds the weights

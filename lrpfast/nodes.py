@@ -487,24 +487,27 @@ def _batch_first_dim(d: int, bd: int) -> int:
 
 class MeanStep(_EpsilonStep):
     """x.mean(dims) over non-batch dims (global average pooling written by hand; the mean over
-    the tokens of a sequence-first transformer, x.mean(0) with x (L, B, E))."""
+    the tokens of a sequence-first transformer, x.mean(0) with x (L, B, E)); x.sum(dims) with
+    total=True (the heads of an ensemble stacked before the batch, lrpfast/stacking.py)."""
 
     sign_preserving = True
 
     op = "mean"
     batch_anywhere = True
 
-    def __init__(self, name, dims, keepdim, eps, stabilizer):
+    def __init__(self, name, dims, keepdim, eps, stabilizer, total=False):
         super().__init__(name, eps, stabilizer)
-        self.mean_dims, self.keepdim = dims, keepdim
+        self.mean_dims, self.keepdim, self.total = dims, keepdim, total
+        if total:
+            self.op = "sum"
 
     def forward(self, env, call):
         x = env[self.src]
         bd = call.bdim.get(self.src, 0)
         dims = tuple(d % x.dim() for d in self.mean_dims)
         if bd in dims:
-            raise RelevanceError(f"LRP: {self.describe()} averages over the batch dimension")
-        out = x.mean(dims, keepdim=self.keepdim)
+            raise RelevanceError(f"LRP: {self.describe()} {'sums' if self.total else 'averages'} over the batch dimension")
+        out = x.sum(dims, keepdim=self.keepdim) if self.total else x.mean(dims, keepdim=self.keepdim)
         z = out
         if bd:   # the relevance pass works batch-first: x, z and the dims as views with the batch first
             out_bd = bd if self.keepdim else bd - sum(d < bd for d in dims)
@@ -520,7 +523,7 @@ class MeanStep(_EpsilonStep):
     def relprop(self, msg, call):
         x, z, dims = call.saved[self.index]
         s = self._s(msg, call)
-        n = math.prod([x.shape[d] for d in dims])  # a list: dynamo refuses a generator here
+        n = 1 if self.total else math.prod([x.shape[d] for d in dims])  # a list: dynamo refuses a generator
         if not self.keepdim:
             for d in sorted(dims):
                 s = s.unsqueeze(d)

@@ -308,6 +308,48 @@ def test_rows_repeated_into_windows_equal_oracle(attention, method):
     check(model, x, torch.tensor([[0, 3], [1, 2], [3, 3]]), attention)
 
 
+# ----------------------------------------------------------------------------- the batch moved by a stack
+
+
+class HeadEnsemble(nn.Module):
+    """CrossViT's and EfficientViM's heads: torch.stack of (B, C) logits at dim 0 puts the batch at
+    dim 1 (lrpfast/stacking.py); the mean or sum over the heads brings it back to dim 0."""
+
+    def __init__(self, reduce, dim=0, classes=4):
+        super().__init__()
+        self.reduce, self.dim = reduce, dim
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.heads = nn.ModuleList([nn.Linear(24, classes) for _ in range(3)])
+
+    def forward(self, x):
+        f = self.body(x)
+        s = torch.stack([h(f if i != 1 else F.gelu(f)) for i, h in enumerate(self.heads)], self.dim)
+        if self.reduce == "mean":
+            return torch.mean(s, dim=self.dim)
+        if self.reduce == "sum":
+            return s.sum(self.dim)
+        return s.sum(self.dim, keepdim=True)[0] + s[2]
+
+
+@pytest.mark.parametrize("reduce,dim", [("mean", 0), ("sum", 0), ("keep", 0), ("sum", 1), ("sum", -1)])
+def test_stacked_heads_equal_oracle(reduce, dim):
+    torch.manual_seed(7)
+    model = HeadEnsemble(reduce, dim).to(F64).eval()
+    check(model, torch.randn(3, 3, 5, 5, dtype=F64), torch.tensor([[0, 3], [1, 1], [2, 0]]))
+
+
+def test_stack_then_sum_over_the_batch_is_refused():
+    model = Lam(lambda x: torch.stack([x, x]).sum(1)).to(F64)
+    with pytest.raises(RelevanceError, match=r"'sum.*sums over the batch dimension"):
+        lrpfast.LRP(model, eps=0.0).explain(torch.randn(2, 4, dtype=F64), 0)
+
+
+def test_stacked_batch_must_come_back_first():
+    model = Lam(lambda x: torch.stack([x, 2 * x])).to(F64)   # logits (2, B, classes)
+    with pytest.raises(RelevanceError, match=r"has the batch at dim 1; expected logits \(B, classes\)"):
+        lrpfast.LRP(model, eps=0.0).explain(torch.randn(2, 4, dtype=F64), 0)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -422,6 +464,8 @@ TIMM = {   # family: (model, input size) - each folds windows or tokens into the
     "levit": ("levit_128s", dict(img_size=64), 64),
     "mobilevit": ("mobilevit_xxs", {}, 64),
     "gcvit": ("gcvit_xxtiny", dict(img_size=64, window_size=(2, 2, 2, 2)), 64),
+    "crossvit": ("crossvit_tiny_240", {}, 240),           # heads stacked at dim 0 (the batch moves)
+    "efficientvim": ("efficientvim_m1", {}, 64),
 }
 
 

@@ -140,6 +140,34 @@ def _names(v, what: str) -> List[str]:
     return list(dict.fromkeys(v))
 
 
+def _descendants(steps, i: int) -> set:
+    """Steps whose forward reads step i's output, directly or not."""
+    seen, todo = set(), [i]
+    while todo:
+        for u in steps[todo.pop()].users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _parallel_records(steps, masks, rec_of, k, dtype) -> Dict[int, torch.Tensor]:
+    """exclude_parallel: a recorded layer above a condition's conditioned layer that does not
+    depend on it (a skip path around it) carries none of the relevance passing through it: its
+    entry for that condition is 0 (zennit-crp: no gradient reaches it). Record step -> (K,) 0/1,
+    only where some entry is 0. (Below a conditioned layer the pass itself drops what is parallel.)"""
+    out = {}
+    device = next(iter(masks.values()))[1].device if masks else None
+    for j in rec_of:
+        keep = torch.ones(k, dtype=dtype)
+        for i, (mask, has) in masks.items():
+            if i < j and j not in _descendants(steps, i):
+                keep[has.cpu()] = 0
+        if not bool(keep.all()):
+            out[j] = keep.to(device)
+    return out
+
+
 class _Pick:
     """rank(): the k channels of one layer, chosen per sample from the relevance there."""
 
@@ -384,6 +412,8 @@ class CondAttribution:
         maps = {i: torch.zeros((b, k, *shapes[i]), dtype=x.dtype, device=x.device) for i in rec_of} \
             if record_maps else None
 
+        reach = _parallel_records(steps, masks, rec_of, k, x.dtype) if exclude_parallel else {}
+
         def fit(i, msg):
             if tuple(msg.a.shape[1:]) != shapes[i]:
                 msg = N.Msg(N.DENSE, P.relevance_of(msg, call), None, True)
@@ -396,6 +426,8 @@ class CondAttribution:
             r = r.view(b, rows, *r.shape[1:])
             if expand is not None:
                 r = r.index_select(1, expand)
+            if i in reach:   # conditions whose conditioned layer this one is parallel to: nothing
+                r = r * reach[i][cols].view(1, -1, *([1] * (r.dim() - 2)))
             sums[i][:, cols] = r.reshape(*r.shape[:3], -1).sum(-1)
             if maps is not None:
                 maps[i][:, cols] = r
