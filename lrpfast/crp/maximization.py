@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -78,8 +78,8 @@ def normalize_channels(values: torch.Tensor) -> torch.Tensor:
 class _Ranker:
     """The running top-N of each (layer, mode), updated in the tap's callbacks chunk by chunk (LRP
     may split a batch): the layer's map is reduced while it is at hand and nothing of it is kept.
-    For a "sum" reduction the position of the largest entry is looked up only for the entries
-    that enter the top-N (a gather of a few rows instead of a pass over the map)."""
+    The position of the largest entry is looked up only for the entries that enter the top-N (an
+    argmax over a few rows instead of a pass over the map)."""
 
     def __init__(self, reductions: Dict[str, str], abs_norm: bool, n_top: int):
         self.reductions, self.abs_norm, self.n_top = reductions, abs_norm, n_top
@@ -114,17 +114,13 @@ class _Ranker:
         lo = self.cursor.get(key, 0)
         ids = self.ids[lo:lo + len(v)]
         self.cursor[key] = lo + len(v)
-        if self.reductions[mode] == "max":
-            values, pos = v.max(dim=2)
-            pos = pos.t()
-        else:
-            values, pos = v.sum(dim=2), None
+        # amax/sum are vectorised reductions; max with indices is several times slower on CPU
+        values = v.amax(dim=2) if self.reductions[mode] == "max" else v.sum(dim=2)
         if self.abs_norm:
             values = normalize_channels(values)
         values = values.float().t()
         c = values.shape[0]
-        if pos is None:
-            pos = torch.full_like(values, -1, dtype=torch.long)
+        pos = torch.full_like(values, -1, dtype=torch.long)
         ids = ids.expand(c, -1)
         prev = self.running.get(key)
         if prev is not None:
