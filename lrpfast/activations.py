@@ -22,7 +22,12 @@ FUNCTIONAL_ACTIVATIONS = {
     F.silu: (True, False), F.mish: (True, False), F.hardswish: (True, False), F.hardtanh: (True, False),
     torch.tanh: (True, False), F.tanh: (True, False), torch.sigmoid: (False, True), F.sigmoid: (False, True),
     F.softplus: (False, True), F.hardsigmoid: (False, True), F.selu: (True, False), F.celu: (True, False),
+    # clamp/clip: hardtanh with any bounds (f(0) = 0 and the sign depend on them: not counted on)
+    torch.clamp: (False, False), torch.clip: (False, False), torch.clamp_min: (False, False),
+    torch.clamp_max: (False, False),
 }
 RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 METHOD_ACTIVATIONS = {"relu": (True, True), "relu_": (True, True), "tanh": (True, False),
-                      "sigmoid": (False, True), "tanh_": (True, False), "sigmoid_": (False, True)}
+                      "sigmoid": (False, True), "tanh_": (True, False), "sigmoid_": (False, True),
+                      **{m: (False, False) for m in ("clamp", "clip", "clamp_min", "clamp_max", "clamp_", "clip_",
+                                                      "clamp_min_", "clamp_max_")}}

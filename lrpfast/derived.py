@@ -65,7 +65,8 @@ _NL_EW_METHODS |= {m + "_" for m in _NL_EW_METHODS}
 # activations whose own rule (graph.py) is the pass rule to their direct input
 _OWN_ACTIVATIONS = {torch.tanh, torch.sigmoid, torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
                     F.hardsigmoid, F.hardtanh, F.elu, F.leaky_relu, F.softplus, F.selu, F.celu, F.tanh, F.sigmoid,
-                    "tanh", "sigmoid", "relu", "tanh_", "sigmoid_", "relu_"}
+                    "tanh", "sigmoid", "relu", "tanh_", "sigmoid_", "relu_", torch.clamp, torch.clip, torch.clamp_min,
+                    torch.clamp_max, "clamp", "clip", "clamp_min", "clamp_max", "clamp_", "clip_"}
 _REDUCE_LIN = {torch.mean, torch.sum, "mean", "sum"}
 _REDUCE_NL = {torch.var, torch.std, torch.norm, torch.amax, torch.amin, torch.logsumexp, "var", "std", "norm",
               "amax", "amin", "logsumexp"}

@@ -199,6 +199,56 @@ METHODS = {
     "gather": OpRule(COPY, _gather_dims, sign_preserving=True),
 }
 
+# ---- more ops that copy or sum elements: unfold (sliding windows), im2col/col2im, interleaved
+# repeats, max/min over dims (the winner takes the relevance: the LINEAR rule through amax's autograd,
+# whose Jacobian is the winner's indicator, as max pooling), transposed convolutions (linear in x)
+
+
+def _repeat_interleave_dims(args, kwargs, ndim):
+    d = _arg(args, kwargs, 2, "dim")
+    return None if d is None else _dims(d, ndim)   # no dim: flattens, samples mixed
+
+
+def _unfold_dims(args, kwargs, ndim):
+    return _dims(_arg(args, kwargs, 1, "dimension"), ndim)
+
+
+def _reduce_dims(args, kwargs, ndim):
+    d = _arg(args, kwargs, 1, "dim", ())
+    return list(range(ndim)) if d is None or d == () or d == [] else _dims(d, ndim)
+
+
+def _index_check(args, kwargs, xs, computed):
+    """x[:, idx] with constant index lists/tensors: the batch (dim 0) must be taken whole."""
+    item = args[1]
+    entries = item if isinstance(item, tuple) else (item,)
+    if not entries or not (isinstance(entries[0], slice) and entries[0] == slice(None)):
+        return f"indexes dim 0 with {entries[0] if entries else item!r}; advanced indexing keeps the batch only as x[:, ...]"
+    if any(e is Ellipsis for e in entries[1:]) and any(isinstance(e, (list, torch.Tensor)) and
+                                                     getattr(e, "dtype", None) == torch.bool for e in entries):
+        return "mixes a bool mask with '...'"
+    return None
+
+
+FUNCTIONS.update({
+    torch.repeat_interleave: OpRule(COPY, _repeat_interleave_dims, sign_preserving=True),
+    F.unfold: OpRule(COPY, _spatial, sign_preserving=True),
+    F.fold: OpRule(LINEAR, _none, sign_preserving=True),
+    torch.amax: OpRule(LINEAR, _reduce_dims, sign_preserving=True),
+    torch.amin: OpRule(LINEAR, _reduce_dims, sign_preserving=True),
+    F.conv_transpose1d: OpRule(LINEAR, _none, only_first_computed=True),
+    F.conv_transpose2d: OpRule(LINEAR, _none, only_first_computed=True),
+    F.conv_transpose3d: OpRule(LINEAR, _none, only_first_computed=True),
+})
+METHODS.update({
+    "repeat_interleave": OpRule(COPY, _repeat_interleave_dims, sign_preserving=True),
+    "unfold": OpRule(COPY, _unfold_dims, sign_preserving=True),
+    "amax": OpRule(LINEAR, _reduce_dims, sign_preserving=True),
+    "amin": OpRule(LINEAR, _reduce_dims, sign_preserving=True),
+})
+# x[:, [0, 2, 1]] / x[:, :, idx]: constant indices on non-batch dims copy elements (graph.py's getitem)
+ADVANCED_INDEX = OpRule(COPY, _none, sign_preserving=True, check=_index_check)
+
 # AttnLRP's softmax rule (graph.py sends softmax here under attention="attnlrp"; under "cp" the
 # attention weights are constants)
 SOFTMAX = OpRule(LINEAR, _softmax_dims)
@@ -264,6 +314,23 @@ MODULES = {
     torch.nn.ReflectionPad2d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding), "reflect"))),
     torch.nn.ReplicationPad2d: (FUNCTIONS[F.pad], lambda m: (F.pad, (tuple(m.padding), "replicate"))),
 }
+MODULES.update({
+    torch.nn.Unfold: (FUNCTIONS[F.unfold], lambda m: (F.unfold, (m.kernel_size, m.dilation, m.padding, m.stride))),
+    torch.nn.Fold: (FUNCTIONS[F.fold], lambda m: (F.fold, (m.output_size, m.kernel_size, m.dilation, m.padding,
+                                                           m.stride))),
+})
+# a transposed convolution is linear in x: the ε rule with its weights constant, its bias absorbing
+# its share (the z+/αβ rules of a composite do not reach it). The module itself is the function.
+for _ct in (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d):
+    MODULES[_ct] = (OpRule(LINEAR, _none), lambda m: (_checked_conv_transpose(m), ()))
+
+
+def _checked_conv_transpose(m):
+    if m.padding_mode != "zeros":
+        raise RelevanceError(f"LRP: {type(m).__name__} with padding_mode={m.padding_mode!r}: only zero padding")
+    return lambda x: m(x)
+
+
 if hasattr(torch.nn, "RMSNorm"):
     MODULES[torch.nn.RMSNorm] = (FUNCTIONS[F.rms_norm],
                                  lambda m: (F.rms_norm, (tuple(m.normalized_shape), m.weight, m.eps)))

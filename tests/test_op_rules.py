@@ -402,3 +402,81 @@ def test_star_relu_is_an_activation_then_scale_and_bias():
     r, r_y, x = _flat_case(lambda x: 0.8 * F.relu(x) ** 2 - 0.05)
     y = 0.8 * F.relu(x) ** 2 - 0.05
     assert rel_l2(r, r_y * (y + 0.05) / y) < 1e-12
+
+
+# ----------------------------------------------------------------------------- more table entries:
+# unfold / F.unfold / nn.Unfold / F.fold, repeat_interleave, amax/amin, ConvTranspose, constant
+# advanced indices, clamp on any input
+
+
+class HeadR(nn.Module):
+    """conv -> ReLU -> f -> ReLU -> flatten -> linear, with the modules f uses registered."""
+
+    def __init__(self, f, mods=()):
+        super().__init__()
+        self.f, self.mods = f, nn.ModuleList(mods)
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.f(torch.relu(self.conv(x)))).flatten(1))
+
+
+_CT = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+_CT1 = nn.ConvTranspose1d(4, 2, 2, stride=2)
+_UF = nn.Unfold(2, stride=2)
+_IDX = torch.tensor([2, 0, 1, 1])
+TABLE = {
+    "Tensor.unfold": (lambda y: y.unfold(2, 3, 1).sum(-1).unfold(3, 2, 2).mean(-1), ()),
+    "F.unfold": (lambda y: F.unfold(y, 3, padding=1), ()),
+    "nn.Unfold": (lambda y: _UF(y), (_UF,)),
+    "F.fold": (lambda y: F.fold(F.unfold(y, 3, padding=1), (6, 6), 3, padding=1), ()),
+    "repeat_interleave": (lambda y: y.repeat_interleave(2, dim=1) + torch.repeat_interleave(y, 2, 1), ()),
+    "amax_amin": (lambda y: y.amax(1, keepdim=True) + y.amin((2, 3), keepdim=True) - y, ()),
+    "ConvTranspose2d": (lambda y: _CT(y), (_CT,)),
+    "F.conv_transpose2d": (lambda y: F.conv_transpose2d(y, _CT.weight, _CT.bias, 2, 1, 1), (_CT,)),
+    "ConvTranspose1d": (lambda y: _CT1(y.flatten(2)), (_CT1,)),
+    "index_list": (lambda y: y[:, [3, 0, 1, 1]] + y[:, :, [0, 2, 1, 5, 4, 3]], ()),
+    "index_tensor": (lambda y: y[:, _IDX], ()),
+    "clamp_of_a_mean": (lambda y: y - torch.clamp(y.mean(1, keepdim=True), -0.1, 0.2), ()),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE))
+def test_table_entry_equals_oracle(case):
+    f, mods = TABLE[case]
+    torch.manual_seed(0)
+    model = HeadR(f, mods).to(F64)
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    model(x)
+    model.eval()
+    t = torch.tensor([0, 2])
+    lrp = lrpfast.LRP(model, eps=0.0)
+    e = lrp.explain(x, t)
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert rel_l2(e.relevance, gradient_oracle(model, x, t)) < 1e-12
+    both = lrp(x, torch.tensor([[0, 2], [1, 1]]))
+    assert rel_l2(both[:, 1], lrp(x, torch.tensor([2, 1]))) < 1e-13
+
+
+def test_amax_gives_the_winner_all_relevance():
+    # max over a dim is max pooling: the winner's relevance is the output's, the others get 0
+    model = Flat(lambda x: x.reshape(-1, 2, 2).amax(-1), n=2).to(F64).eval()
+    x = torch.randn(5, 4, dtype=F64)
+    t = torch.tensor([0, 1, 2, 0, 1])
+    r = lrpfast.LRP(model, eps=0.0)(x, t)
+    y = x.reshape(-1, 2, 2).amax(-1)
+    want = torch.zeros(5, 2, 2, dtype=F64).scatter(2, x.reshape(-1, 2, 2).argmax(-1, keepdim=True),
+                                                   (y * model.head.weight[t])[..., None])
+    assert rel_l2(r, want.reshape(5, 4)) < 1e-13
+
+
+@pytest.mark.parametrize("f,match", [
+    (lambda y: y.repeat_interleave(2)[: y.numel()].reshape(y.shape), "batch dimension"),
+    (lambda y: y.unfold(0, 1, 1).squeeze(-1), "batch dimension"),
+    (lambda y: y.amax((0, 1), keepdim=True).expand_as(y), "batch dimension"),
+    (lambda y: y[[1, 0]], "indexes dim 0"),
+])
+def test_table_entries_across_the_batch_are_refused(f, match):
+    model = Wrap(f).to(F64).eval()
+    with pytest.raises(RelevanceError, match=match):
+        lrpfast.LRP(model)(torch.randn(2, 3, 6, 6, dtype=F64))
