@@ -116,7 +116,7 @@ class _DetachRules(TorchFunctionMode):
 
     def _chain(self, t):
         out = []
-        while t is not None:
+        while t is not None and not any(t is o for o in out):
             out.append(t)
             t = self._info(t).parent
         return out
@@ -201,6 +201,10 @@ class _DetachRules(TorchFunctionMode):
         return any(t is a for t in self._alone(g))
 
     def _remember(self, y, info, xs=()):
+        if any(y is x for x in xs):
+            # the op returned its input itself (dropout with p = 0, .contiguous(), .to() of the same
+            # dtype): nothing new to record, and recording it would make the tensor its own parent
+            return y
         if isinstance(y, torch.Tensor) and info is not None:
             common = self._alone(xs[0]) if xs else []
             for x in xs[1:]:
