@@ -213,11 +213,36 @@ class Derivation:
         if any(e is None for e in entries):
             return root
         chains = [self._chain(e) for e in entries]
-        rest = [set(c) for c in chains[1:]]
         for cand in chains[0]:
-            if all(cand in r for r in rest):
+            if all(any(self._same(cand, c) for c in ch) for ch in chains[1:]):
                 return cand
         return root
+
+    def _same(self, a, b) -> bool:
+        """a and b are one tensor: the same node, or the same linear op written twice on the same
+        tensor with the same constants ((z + b) * sigmoid(z + b) computes z + b twice)."""
+        if a is b:
+            return True
+        ia, ib = self.info.get(a), self.info.get(b)
+        if ia is None or ib is None or ia.parent is None or ib.parent is None:
+            return False
+        if a.op != b.op or _key(a) != _key(b) or a.op not in ("call_function", "call_method") \
+                or len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs):
+            return False
+        return all(self._same_arg(x, y) for x, y in zip(a.args, b.args)) \
+            and all(self._same_arg(a.kwargs[k], b.kwargs[k]) for k in a.kwargs)
+
+    def _same_arg(self, x, y) -> bool:
+        if isinstance(x, fx.Node) and isinstance(y, fx.Node):
+            if x in self.info or y in self.info:
+                return self._same(x, y)
+            return x is y or (x.op == y.op == "get_attr" and x.target == y.target)   # one constant
+        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+            return False
+        try:
+            return type(x) is type(y) and bool(x == y)
+        except Exception:  # noqa: BLE001 (tensors or other values without a plain ==)
+            return x is y
 
     # ------------------------------------------------------------------ backward: roles from users
 

@@ -85,12 +85,30 @@ _RED_LIN = {"mean", "sum"}
 _RED_NL = {"var", "std", "norm", "amax", "amin", "logsumexp"}
 
 
+_PARENT = object()   # the computed argument's place in a recorded call
+
+
+def _same_const(x, y) -> bool:
+    """Two constant arguments of a call are the same: the same object, or equal plain values."""
+    if x is y:
+        return True
+    if isinstance(x, tuple) and isinstance(y, tuple) and len(x) == 2 == len(y) and x[0] == y[0]:
+        return _same_const(x[1], y[1])   # a keyword argument
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or type(x) is not type(y):
+        return False
+    try:
+        return bool(x == y)
+    except Exception:  # noqa: BLE001 (a value without a plain ==)
+        return False
+
+
 class _Root:
-    __slots__ = ("root", "lin", "ew", "parent", "target", "alone")
+    __slots__ = ("root", "lin", "ew", "parent", "target", "alone", "call")
 
     def __init__(self, root, lin=True, ew=True, parent=None, target=None):
         self.root, self.lin, self.ew, self.parent, self.target = root, lin, ew, parent, target
         self.alone = None   # the tensors it is computed from alone, itself last (None: only itself)
+        self.call = None    # with a parent: the op and its other arguments (a second call of it is the same tensor)
 
 
 def _tensors(tree):
@@ -127,9 +145,21 @@ class _DetachRules(TorchFunctionMode):
             return root
         chains = [self._chain(e) for e in entries]
         for cand in chains[0]:
-            if all(any(cand is c for c in ch) for ch in chains[1:]):
+            if all(any(self._same(cand, c) for c in ch) for ch in chains[1:]):
                 return cand
         return root
+
+    def _same(self, a, b) -> bool:
+        """a and b are one tensor: the same object, or one linear op called twice on the same tensor
+        with the same constants ((z + b) * sigmoid(z + b) computes z + b twice)."""
+        if a is b:
+            return True
+        ia, ib = self._info(a), self._info(b)
+        if ia.parent is None or ib.parent is None or ia.call is None or ib.call is None:
+            return False
+        (fa, ca), (fb, cb) = ia.call, ib.call
+        return fa == fb and len(ca) == len(cb) and all(_same_const(x, y) for x, y in zip(ca, cb)) \
+            and self._same(ia.parent, ib.parent)
 
     def _one_tensor(self, func, name, base, args, kwargs, xs):
         """The rule of lrpfast/derived.py for a call on computed tensors xs, or NotImplemented."""
@@ -165,6 +195,9 @@ class _DetachRules(TorchFunctionMode):
         if kind == "lin_ew":
             out = _Root(root, lin, ew, xs[0] if len(xs) == 1 and lin else None,
                         None if lin else self._target(root, xs))
+            if out.parent is not None:
+                out.call = (name, [_PARENT if a is xs[0] else a for a in args] +
+                            [(k, _PARENT if v is xs[0] else v) for k, v in sorted(kwargs.items())])
         elif kind == "red_lin":
             out = _Root(root, lin, False)
         elif kind == "red_nl":

@@ -375,8 +375,14 @@ def test_written_activation_passes_relevance_unchanged():
 def test_written_activation_after_a_bias_sends_relevance_to_the_biased_tensor():
     # x * sigmoid(x) on z = x + b: the activation's relevance goes to z, the bias keeps its share
     b = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=F64)
-    r, r_y, x = _flat_case(lambda x: (x + b) * torch.sigmoid(x + b))
+    r, r_y, x = _flat_case(lambda x: (x + b) * torch.sigmoid(x + b))   # z = x + b written twice: one z
     assert rel_l2(r, r_y * x / (x + b)) < 1e-12
+    torch.manual_seed(1)
+    model = Flat(lambda x: (x + b) * torch.sigmoid(x + b)).to(F64).eval()
+    assert rel_l2(gradient_oracle(model, x, torch.tensor([0, 1, 2, 0, 1])), r_y * x / (x + b)) < 1e-12
+    # other constants are another tensor: the nearest common one is x, which takes all of R_y
+    r, r_y, x = _flat_case(lambda x: (x + b) * torch.sigmoid(x - b))
+    assert rel_l2(r, r_y) < 1e-12
 
 
 def test_written_rmsnorm_holds_its_normaliser():
