@@ -486,3 +486,52 @@ def test_table_entries_across_the_batch_are_refused(f, match):
     model = Wrap(f).to(F64).eval()
     with pytest.raises(RelevanceError, match=match):
         lrpfast.LRP(model)(torch.randn(2, 3, 6, 6, dtype=F64))
+
+
+# ----------------------------------------------------------------------------- efficientvit (MIT)'s
+# LiteMLA: ReLU linear attention, v padded with a column of ones, the last column of q (kᵀv) the
+# normaliser (a computed divisor: rule 3), and the whole of it computed in float32 (q.float(), ...)
+
+
+class LinearAttention(nn.Module):
+    """timm's efficientvit_mit LiteMLA pattern, small: conv -> q, k, v -> ReLU(q) (ReLU(k)ᵀ [v, 1])
+    with its last column the divisor -> conv -> mean -> linear; `work` is the dtype it computes in."""
+
+    def __init__(self, work=None):
+        super().__init__()
+        self.work, self.dim, self.eps = work, 4, 1e-5
+        self.qkv = nn.Conv2d(3, 3 * 2 * self.dim, 1)
+        self.kernel = nn.ReLU()
+        self.proj, self.head = nn.Conv2d(2 * self.dim, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        qkv = self.qkv(x).reshape(B, -1, 3 * self.dim, H * W).transpose(-1, -2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q, k = self.kernel(q), self.kernel(k)
+        v = F.pad(v, (0, 1), mode="constant", value=1.0)
+        dtype = v.dtype
+        if self.work is not None:
+            q, k, v = q.to(self.work), k.to(self.work), v.to(self.work)
+        out = q @ (k.transpose(-1, -2) @ v)
+        out = (out[..., :-1] / (out[..., -1:] + self.eps)).to(dtype)
+        out = out.transpose(-1, -2).reshape(B, -1, H, W)
+        return self.head(torch.relu(self.proj(out)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("work,tol", [(None, 1e-12), (torch.float32, 1e-6)])
+def test_linear_attention_of_efficientvit(work, tol):
+    # float64 throughout: the oracle's map to round-off. With the float32 cast of timm's LiteMLA,
+    # LRP and the oracle both carry float32 round-off (4e-8 apart here, 3e-8 on
+    # efficientvit_b0): equal to float32's precision, not to float64's
+    torch.manual_seed(0)
+    model = LinearAttention(work).to(F64).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    t = torch.tensor([0, 2])
+    e = lrpfast.LRP(model, eps=0.0).explain(x, t)
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert rel_l2(e.relevance, gradient_oracle(model, x, t)) < tol
+    if work is not None:   # the same map as in float64 throughout, to float32's precision
+        exact = LinearAttention().to(F64).eval()
+        exact.load_state_dict(model.state_dict())
+        assert rel_l2(e.relevance, lrpfast.LRP(exact, eps=0.0)(x, t)) < tol
