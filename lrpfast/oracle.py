@@ -79,7 +79,7 @@ _MUL_NAMES = {"mul", "__mul__", "__rmul__", "__imul__", "multiply"}
 _DIV_NAMES = {"div", "__truediv__", "__itruediv__", "true_divide", "divide"}
 _POW_NAMES = {"pow", "__pow__", "__ipow__", "float_power"}
 _NL_EW = {"exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "square", "erf", "sin", "cos", "clamp", "clip",
-          "clamp_min", "clamp_max", "__rtruediv__", "__rpow__"} | _ACTIVATIONS
+          "clamp_min", "clamp_max", "__rtruediv__", "__rdiv__", "__rpow__"} | _ACTIVATIONS
 _PASS = _ACTIVATIONS | {"clamp", "clip", "clamp_min", "clamp_max"}   # activations on any input
 _RED_LIN = {"mean", "sum"}
 _RED_NL = {"var", "std", "norm", "amax", "amin", "logsumexp"}

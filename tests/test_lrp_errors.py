@@ -61,7 +61,7 @@ class Softmaxed(nn.Module):
 
 
 class Gathered(nn.Module):
-    """Advanced (list) indexing: basic slicing x[:, :4] is supported, this is not."""
+    """Advanced (list) indexing off the batch dim: refused once, a permutation of relevance now."""
 
     def __init__(self):
         super().__init__()
@@ -111,8 +111,6 @@ class Pair(nn.Module):
 
 @pytest.mark.parametrize("model,match", [
     (Softmaxed(), r"returns 'softmax' \(torch.*softmax\), a softmax: LRP explains the logits before it"),
-    (Gathered(), r"node 'getitem' indexes with a tensor, list or bool .*advanced indexing has no relevance rule"),
-    (Divided(), r"node 'truediv' \(_operator.truediv\) divides by a tensor computed from the input"),
     (nn.Sequential(nn.Linear(4, 4), nn.InstanceNorm1d(4), nn.Linear(4, 2)),
      r"node '_1' calls module '1' \(InstanceNorm1d\), which has no relevance rule"),
     (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), r"padding_mode='reflect'"),
@@ -123,6 +121,21 @@ class Pair(nn.Module):
 def test_unsupported_models_fail_at_construction(model, match):
     with pytest.raises(RelevanceError, match=match):
         lrpfast.LRP(model)
+
+
+@pytest.mark.parametrize("model", [Gathered(), Divided()], ids=["list_index", "divided_by_own_function"])
+def test_formerly_refused_patterns_are_explained_as_the_oracle(model):
+    """x[:, [0, 1, 2, 3]] moves relevance (a copy); x / (σ(x) + 1) is an elementwise function of x
+    (rule 1 of lrpfast/derived.py): both now have rules, checked against the gradient oracle."""
+    from lrpfast.oracle import gradient_oracle
+    torch.manual_seed(4)
+    model = model.double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    t = model(x).argmax(1)
+    e = lrpfast.LRP(model, eps=0.0).explain(x, t)
+    want = gradient_oracle(model, x, t)
+    torch.testing.assert_close(e.logits, model(x), rtol=0, atol=1e-12)
+    assert ((e.relevance - want).norm() / want.norm()).item() < 1e-12
 
 
 def test_output_must_be_logits():

@@ -683,12 +683,24 @@ class MaskFromInput(nn.Module):
     (Attn(add_zero_attn=True), r"node 'attn' \(MultiheadAttention\) uses add_zero_attn=True"),
     (SDPA(dropout_p=0.1), r"node 'scaled_dot_product_attention' .*dropout_p=0.1"),
     (SDPA(enable_gqa=True), r"node 'scaled_dot_product_attention' .*enable_gqa=True"),
-    (IndexBy("buffer"), r"node 'getitem' indexes with a tensor, list or bool \(idx\).*advanced indexing"),
     (MaskFromInput(), r"node 'attn': attn_mask is computed from the input"),
 ])
 def test_refused_at_construction(model, match):
     with pytest.raises(RelevanceError, match=match):
         lrpfast.LRP(model)
+
+
+def test_constant_index_buffer_is_a_copy_of_relevance():
+    """x[:, idx] with a constant index buffer (refused once): the tokens it picks get their relevance."""
+    from lrpfast.oracle import gradient_oracle
+    torch.manual_seed(5)
+    model = IndexBy("buffer").double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    t = model(x).argmax(1)
+    r = lrpfast.LRP(model, eps=0.0).explain(x, t).relevance
+    want = gradient_oracle(model, x, t)
+    assert ((r - want).norm() / want.norm()).item() < 1e-12
+    assert r[:, [1, 3, 4]].abs().max().item() == 0.0 and r[:, [0, 2]].abs().min().item() > 0.0
 
 
 @pytest.mark.parametrize("model,match", [

@@ -272,3 +272,30 @@ def test_oracle_treats_written_out_functions_as_their_modules(pair):
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(a(xg).gather(1, t[:, None]).sum(), xg)
     assert ((xg * g - rb).norm() / rb.norm()).item() > 1e-6
+
+
+class _Reciprocal(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.fc = f, nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.f(x * 1.5 + 0.25))
+
+
+@pytest.mark.parametrize("how", ["rtruediv", "rtruediv_2", "reciprocal"])
+def test_a_constant_over_a_computed_tensor_is_an_activation(how):
+    """c / g is an elementwise function of g: its relevance passes unchanged (rule 1). Tensor's
+    __rtruediv__ is named __rdiv__, which the oracle once missed: it then differentiated 1/g and
+    flipped the sign of the map, so LRP and oracle are both checked against the closed form."""
+    f = {"rtruediv": lambda g: 1 / g, "rtruediv_2": lambda g: 2.0 / g, "reciprocal": torch.reciprocal}[how]
+    torch.manual_seed(3)
+    m = _Reciprocal(f).to(F64).eval()
+    x = torch.randn(5, 4, dtype=F64)
+    t = m(x).argmax(1)
+    g = x * 1.5 + 0.25
+    # ε = 0: the Linear's input times its weight row, passed unchanged to g, then shared by 1.5·x
+    # and the constant 0.25 in proportion
+    want = f(g) * m.fc.weight[t] * (1.5 * x / g)
+    assert rel_l2(gradient_oracle(m, x, t), want) < 1e-12
+    assert rel_l2(lrpfast.LRP(m, eps=0.0).explain(x, t).relevance, want) < 1e-12
