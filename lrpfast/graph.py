@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
-from . import derived, merged_repeat, op_rules, shape_trace, stacking
+from . import derived, fusion, merged_repeat, op_rules, shape_trace, stacking
 from . import transformer as T
 # Activations (LRP's pass rule) are a table of their own, shared with torch_transformers.py.
 from .activations import (ACTIVATIONS as _ACTIVATIONS, FUNCTIONAL_ACTIVATIONS as _FUNCTIONAL_ACTIVATIONS,
@@ -310,10 +310,13 @@ class Plan:
 def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str, attention: str = "cp",
                example: Optional[torch.Tensor] = None) -> Plan:
     gm = trace(model, example)
+    fusion.gather_before_linear(gm)   # an LM head on the explained rows only (fusion.py)
     plan = Plan(gm)
     plan.attention = T.check_attention_rule("LRP", attention)
     # tensors computed from one tensor alone: written-out activations, normalisers (derived.py)
     plan.derived = derived.Derivation(gm, _is_meta_call, tuple(_ACTIVATIONS))
+    # regions that are one linear map of one tensor: one step each (fusion.py)
+    regions = fusion.find(gm, plan.derived)
     index = {}        # fx node -> step index
     steps = plan.steps
 
@@ -371,6 +374,8 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
             for part in node.target.split("."):
                 value = getattr(value, part)
             add(N.ConstStep(node.name, value), node)
+        elif node in regions:
+            fusion.build(regions[node], node, plan, index, add, ref, _load, _callable, eps, stabilizer)
         elif node.op in ("call_module", "call_function", "call_method") and plan.derived.needs_step(node):
             _derived_step(plan, gm, node, ref, add)
         elif node.op == "call_module":
@@ -403,6 +408,7 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
                                         "a constant (it does not depend on the input)"))
     if plan.input < 0:
         raise RelevanceError("LRP: the traced model has no input")
+    fusion.relax(plan)
     _finish(plan, rule_for)
     return plan
 
@@ -699,9 +705,15 @@ def _linear_op_step(plan, node, index, add, ref, rule, eps, stabilizer):
         if not computed:
             raise RelevanceError(f"LRP: {culprit} divides a constant by a tensor computed from the input outside "
                                  "an elementwise function of one tensor; it has no relevance rule")
-    step = op_rules.LinearOpStep(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load,
-                                 _target_name(node), rule, eps, stabilizer)
+    cls = op_rules.LinearOpStep
+    if node.op == "call_method" and node.target in fusion.CASTS and len(computed) == 1:
+        cls = _CAST_STEP
+    step = cls(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load, _target_name(node), rule, eps,
+               stabilizer)
     return add(step, node, None, computed)
+
+
+_CAST_STEP = fusion.same_dtype_cast(op_rules.LinearOpStep)
 
 
 def _max_pool_step(name, dims, m, kind):

@@ -353,7 +353,13 @@ class ScaledDotProductAttentionStep(Step):
             raise RelevanceError(f"LRP: {self.describe()}: value of shape {tuple(v.shape)} is broadcast against the "
                                  f"attention weights {tuple(attn.shape)}; give value the query's batch and head dims "
                                  "(enable_gqa and broadcasting have no relevance rule)")
-        o = torch.matmul(attn, v)
+        if attn.dim() == 4 and v.dim() == 4 and not torch.compiler.is_compiling():   # (dynamo: no strided out=)
+            # (B, heads, L, D) laid out as (B, L, heads, D): the heads' merge that follows
+            # (o.transpose(1, 2).contiguous().reshape(B, L, -1)) is then a view, not a copy
+            bsz, heads, lq, d = attn.shape[0], attn.shape[1], attn.shape[2], v.shape[-1]
+            o = torch.matmul(attn, v, out=attn.new_empty((bsz, lq, heads, d)).transpose(1, 2))
+        else:
+            o = torch.matmul(attn, v)
         qk = (q, k, scale) if self.attention == "attnlrp" else None
         call.saved[self.index] = (v, attn, o, qk)
         return o

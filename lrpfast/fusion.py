@@ -1,0 +1,466 @@
+"""Regions of the traced graph that are one linear map of one tensor, explained as one step.
+
+graph.py gives every fx node a step of its own. Where a few nodes together are a linear map of
+one computed tensor x with constant operands, one ε step over the whole region,
+
+    R_x = x ⊙ Jᵀ(R / stab(z)),      z the region's output, J its Jacobian in x,
+
+equals the node-by-node rules at ε = 0 (each inner division cancels against the next product) and
+costs one division instead of one per node; the inner tensors are neither kept for the relevance
+pass nor given relevance of their own (they appear in no per-layer record). The forward replays the
+region's own nodes, so z is what the model computes, bit for bit. Two regions are recognised:
+
+- The rotary embedding of Hugging Face models (Llama, Qwen, Mistral, Gemma):
+      z = x * cos + cat(-x[..., h:], x[..., :h], -1) * sin          (cos, sin constants)
+  Jᵀs = s ⊙ cos + Pᵀ(s ⊙ sin) with Pᵀu = cat(u[..., h:], -u[..., :h]): two products and two
+  slice updates, where the nodes would take six relevance steps (two slices scattered into zeros).
+- A chain of products with factors held constant and casts, with one normaliser among them (the
+  RMSNorm written out: (x.float() * rsqrt(mean(x²) + eps)).to(dtype) * weight): Jᵀs is s times
+  the product of the factors, summed over the dims x is broadcast along.
+
+`gather_before_linear` moves a gather along a non-feature dim in front of the Linear it reads
+(logits.gather(1, pos) of an LM head: the head on one row per sample instead of all positions).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .nodes import DIVIDED, LAZY, Msg, Step, _EpsilonStep, _times_per_sample, divide
+from .ops import RelevanceError
+
+_ADD = (operator.add, torch.add)
+_MUL = (operator.mul, torch.mul)
+_NEG = (operator.neg, torch.neg)
+_CAT = (torch.cat, torch.concat, torch.concatenate)
+CASTS = ("to", "float", "double", "half", "bfloat16", "type_as")
+
+
+def _is(node, functions=(), methods=()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        try:
+            return node.target in functions
+        except TypeError:
+            return False
+    return node.op == "call_method" and node.target in methods
+
+
+class Region:
+    """Nodes [..., root] replaced by one step at the root; `inner` get Elided steps."""
+
+    def __init__(self, kind: str, root: fx.Node, nodes: List[fx.Node], x: fx.Node, **info):
+        self.kind, self.root, self.nodes, self.x, self.info = kind, root, nodes, x, info
+        self.inner = nodes[:-1]
+
+
+def _only_used_in(nodes, region) -> bool:
+    return all(set(n.users) <= region for n in nodes)
+
+
+def _rotary(root: fx.Node, computed) -> Optional[Region]:
+    """root = x * cos + cat(-x[..., h:], x[..., :h], dim=-1) * sin (either order of each op)."""
+    if not _is(root, _ADD, ("add",)) or len(root.args) != 2 or root.kwargs:
+        return None
+    for a, b in (root.args, root.args[::-1]):
+        if not (_is(a, _MUL, ("mul",)) and _is(b, _MUL, ("mul",))) or a.kwargs or b.kwargs or len(a.args) != 2 \
+                or len(b.args) != 2:
+            continue
+        for cat, sin in (b.args, b.args[::-1]):
+            if not _is(cat, _CAT) or not isinstance(sin, fx.Node) or sin in computed:
+                continue
+            tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+            dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+            if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim != -1:
+                continue
+            neg, g1 = tensors
+            if not _is(neg, _NEG, ("neg",)) or len(neg.args) != 1 or neg.kwargs:
+                continue
+            g2 = neg.args[0]
+            if not (_is(g1, (operator.getitem,)) and _is(g2, (operator.getitem,))):
+                continue
+            x = g1.args[0]
+            if g2.args[0] is not x or x not in computed:
+                continue
+            i1, i2 = g1.args[1], g2.args[1]
+            if not (isinstance(i1, tuple) and isinstance(i2, tuple) and len(i1) == 2 == len(i2)
+                    and i1[0] is Ellipsis and i2[0] is Ellipsis and isinstance(i1[1], slice)
+                    and isinstance(i2[1], slice)):
+                continue
+            h = i1[1].stop
+            if not (type(h) is int and h > 0 and i1[1].start in (None, 0) and i1[1].step in (None, 1)
+                    and i2[1] == slice(h, None, None)):
+                continue
+            if x not in a.args or len(set(a.args)) != 2:
+                continue
+            cos = a.args[1] if a.args[0] is x else a.args[0]
+            if not isinstance(cos, fx.Node) or cos in computed:
+                continue
+            nodes = [g1, g2, neg, cat, a, b, root]
+            region = set(nodes)
+            if len(region) != len(nodes) or not _only_used_in(nodes[:-1], region):
+                continue
+            order = {n: i for i, n in enumerate(root.graph.nodes)}
+            nodes.sort(key=order.__getitem__)
+            return Region("rotary", root, nodes, x, cos=cos, sin=sin, half=h)
+    return None
+
+
+def _chain_link(node: fx.Node, computed, held) -> Optional[fx.Node]:
+    """The carrier (the computed operand) of a product with a constant or held factor, or of a
+    cast; None if the node is neither."""
+    if _is(node, _MUL, ("mul",)) and len(node.args) == 2 and not node.kwargs:
+        carried = [a for a in node.args if isinstance(a, fx.Node) and a in computed and a not in held.get(node, ())]
+        if len(carried) == 1 and node.args[0] is not node.args[1]:
+            return carried[0]
+        return None
+    if node.op == "call_method" and node.target in CASTS and node.args and isinstance(node.args[0], fx.Node):
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        if node.target != "type_as" and any(isinstance(a, fx.Node) for a in rest):
+            return None
+        if node.kwargs.get("copy") or node.kwargs.get("memory_format") is not None:
+            return None
+        return node.args[0] if node.args[0] in computed else None
+    return None
+
+
+def _chains(graph: fx.Graph, derivation) -> List[Region]:
+    computed, held = derivation.info, derivation.held
+    out = []
+    taken = set()
+    for node in graph.nodes:
+        if node in taken or derivation.needs_step(node) or not _is(node, _MUL, ("mul",)):
+            continue
+        carrier = _chain_link(node, computed, held)
+        if carrier is None:
+            continue
+        nodes = [node]
+        while len(nodes[-1].users) == 1:
+            nxt = next(iter(nodes[-1].users))
+            if derivation.needs_step(nxt) or _chain_link(nxt, computed, held) is not nodes[-1]:
+                break
+            nodes.append(nxt)
+        muls = [n for n in nodes if _is(n, _MUL, ("mul",))]
+        if len(nodes) < 2 or len(muls) < 2 or not any(held.get(n) for n in muls):
+            continue
+        taken.update(nodes)
+        out.append(Region("scale", nodes[-1], nodes, carrier))
+    return out
+
+
+def find(gm: fx.GraphModule, derivation) -> Dict[fx.Node, Region]:
+    """node -> its region, for the inner nodes and the root of every region found."""
+    computed = derivation.info
+    regions = []
+    for node in gm.graph.nodes:
+        r = _rotary(node, computed)
+        if r is not None:
+            regions.append(r)
+    inside = {n for r in regions for n in r.nodes}
+    regions += [r for r in _chains(gm.graph, derivation) if not inside.intersection(r.nodes)]
+    return {n: r for r in regions for n in r.nodes}
+
+
+# ============================================================================= steps
+
+
+class Elided(Step):
+    """A node inside a region: computed by the region's step (its forward replays it), no step of
+    its own in either pass."""
+
+    tensor_output = True
+
+    def __init__(self, name, root_name):
+        super().__init__(name)
+        self.op = f"inside {root_name!r}"
+
+    def forward(self, env, call):
+        return None
+
+    def relprop(self, msg, call):
+        return []
+
+    def zero_preserving(self, plan):
+        return True
+
+
+class _RegionStep(_EpsilonStep):
+    """Replays the region's nodes (program: (slot, fn, args, kwargs) in graph order, the root last),
+    keeps x and z (and what `keep` names), and takes one ε step over the region."""
+
+    def __init__(self, name, program, load, eps, stabilizer, op):
+        super().__init__(name, eps, stabilizer)
+        self.program, self.load, self.op = program, load, op
+
+    def _replay(self, env):
+        z = None
+        inner = self.program[:-1]
+        try:
+            for slot, fn, args, kwargs in inner:
+                a, k = self.load(env, args, kwargs)
+                env[slot] = fn(*a, **k)
+            _, fn, args, kwargs = self.program[-1]
+            a, k = self.load(env, args, kwargs)
+            z = fn(*a, **k)
+            return z
+        finally:
+            for slot, *_ in inner:
+                env[slot] = None
+
+    def zero_preserving(self, plan):
+        return True
+
+
+def _mult(c: torch.Tensor, f, b: int) -> torch.Tensor:
+    """c (K*B rows) times a factor f broadcast over the K maps of a sample when it is per sample."""
+    if isinstance(f, torch.Tensor) and f.dim() == c.dim() and f.shape[0] == b and c.shape[0] != b and b > 1:
+        return _times_per_sample(c, f, b)
+    return c * f
+
+
+class RotaryStep(_RegionStep):
+    """HF's rotary embedding, z = x ⊙ cos + rotate_half(x) ⊙ sin: module docstring."""
+
+    def __init__(self, name, program, load, eps, stabilizer, op, cos_sin, half):
+        super().__init__(name, program, load, eps, stabilizer, op)
+        self.cos_sin, self.half = cos_sin, half
+
+    def forward(self, env, call):
+        x = env[self.src]
+        z = self._replay(env)
+        cos, sin = self.cos_sin(env)
+        if not isinstance(z, torch.Tensor) or z.shape != x.shape or x.shape[-1] != 2 * self.half:
+            raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
+                                 f"{tuple(getattr(z, 'shape', ()))}: a rotary embedding must keep x's shape")
+        call.saved[self.index] = (x, z, cos, sin)
+        return z
+
+    def relprop(self, msg, call):
+        x, z, cos, sin = call.saved[self.index]
+        s = msg.a if msg.kind == DIVIDED else divide(msg, z, self.eps, self.stabilizer)
+        b, h = x.shape[0], self.half
+        c = _mult(s, cos, b)
+        u = _mult(s, sin, b)
+        c[..., :h] += u[..., h:]
+        c[..., h:] -= u[..., :h]
+        return [(self.src, Msg(LAZY, c if c.dtype == x.dtype else c.to(x.dtype), x, True))]
+
+
+class ScaleChainStep(_RegionStep):
+    """x times factors held constant (parameters, numbers, a normaliser), with casts between."""
+
+    def __init__(self, name, program, load, eps, stabilizer, op, factors):
+        super().__init__(name, program, load, eps, stabilizer, op)
+        self.factors = factors   # env -> the factors' values
+
+    def forward(self, env, call):
+        x = env[self.src]
+        z = self._replay(env)
+        if not isinstance(z, torch.Tensor) or z.dim() != x.dim() or z.shape[0] != x.shape[0]:
+            raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
+                                 f"{tuple(getattr(z, 'shape', ()))}: only broadcasting within a sample is supported")
+        call.saved[self.index] = (x, z, self.factors(env))
+        return z
+
+    def relprop(self, msg, call):
+        x, z, factors = call.saved[self.index]
+        s = msg.a if msg.kind == DIVIDED else divide(msg, z, self.eps, self.stabilizer)
+        b = x.shape[0]
+        c = s
+        for f in factors:
+            c = _mult(c, f, b)
+        if c is s:
+            c = s.clone()
+        if c.shape[1:] != x.shape[1:]:
+            c = c.sum_to_size((c.shape[0], *x.shape[1:]))
+        return [(self.src, Msg(LAZY, c if c.dtype == x.dtype else c.to(x.dtype), x, True))]
+
+
+def build(region: Region, node: fx.Node, plan, index, add, ref, load, callable_of, eps, stabilizer):
+    """The step of a region's node: Elided for the inner nodes, the region's step at the root."""
+    steps = plan.steps
+    if node is not region.root:
+        step = add(Elided(node.name, region.root.name), node)
+        step.deps = []
+        return step
+    program = [(index[n] if n is not node else None, callable_of(n), ref(n.args), ref(n.kwargs)) for n in region.nodes]
+    members = set(region.nodes)
+    external = []
+    for n in region.nodes:
+        fx.node.map_arg((n.args, n.kwargs), lambda a: external.append(a) if a not in members else None)
+    value = lambda env, a: env[index[a]] if isinstance(a, fx.Node) else a  # noqa: E731
+    if region.kind == "rotary":
+        cos, sin = region.info["cos"], region.info["sin"]
+        step = RotaryStep(node.name, program, load, eps, stabilizer, "rotary embedding (one linear step)",
+                          lambda env: (value(env, cos), value(env, sin)), region.info["half"])
+    else:
+        held = plan.derived.held
+        fac = []
+        for n in region.nodes:
+            if _is(n, _MUL, ("mul",)):
+                carrier = _chain_link(n, plan.derived.info, held)
+                fac.extend(a for a in n.args if a is not carrier)
+        names = ", ".join(f"{n.name}" for n in region.nodes)
+        step = ScaleChainStep(node.name, program, load, eps, stabilizer,
+                              f"products with constant factors and casts ({names}) as one linear step",
+                              lambda env: [value(env, a) for a in fac])
+    add(step, node, region.x)
+    step.deps = list(dict.fromkeys(index[a] for a in external if isinstance(a, fx.Node)))
+    return step
+
+
+# ============================================================================= gather before a Linear
+
+
+def gather_before_linear(gm: fx.GraphModule) -> bool:
+    """logits.gather(d, P.expand(..., V)) with logits = linear(h) (an nn.Linear read by nothing
+    else), d not the last dim and P a buffer whose last dim is 1: rewritten as
+    linear(h.gather(d, P.expand(..., D))). Row for row the same values; the Linear runs on the
+    gathered rows only, and its relevance step too (the other rows get none either way)."""
+    changed = False
+    graph = gm.graph
+    for g in list(graph.nodes):
+        if not (_is(g, (torch.gather,), ("gather",)) and len(g.args) == 3 and not g.kwargs):
+            continue
+        lin, dim, idx = g.args
+        if not (isinstance(lin, fx.Node) and lin.op == "call_module" and len(lin.users) == 1
+                and len(lin.args) == 1 and not lin.kwargs and isinstance(dim, int)):
+            continue
+        m = gm.get_submodule(lin.target)
+        if type(m) is not nn.Linear:
+            continue
+        if not (isinstance(idx, fx.Node) and idx.op == "call_method" and idx.target == "expand" and len(idx.users) == 1
+                and not idx.kwargs and len(idx.args) >= 3 and all(type(a) is int for a in idx.args[1:])):
+            continue
+        p = idx.args[0]
+        if not (isinstance(p, fx.Node) and p.op == "get_attr"):
+            continue
+        buf = gm
+        for part in p.target.split("."):
+            buf = getattr(buf, part, None)
+        sizes = list(idx.args[1:])
+        ndim = len(sizes)
+        if not isinstance(buf, torch.Tensor) or buf.dim() != ndim or buf.shape[-1] != 1 \
+                or sizes[-1] != m.out_features or dim % ndim == ndim - 1:
+            continue
+        with graph.inserting_before(g):
+            idx2 = graph.call_method("expand", (p, *sizes[:-1], m.in_features))
+            g2 = graph.create_node(g.op, g.target, (lin.args[0], dim, idx2), {}, name=g.name + "_rows")
+        g2.meta = dict(g.meta)
+        g2.append(lin)         # the layer (its node and name kept) now reads the gathered rows
+        lin.args = (g2,)
+        g.replace_all_uses_with(lin)
+        graph.erase_node(g)
+        graph.erase_node(idx)
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return changed
+
+
+# ============================================================================= casts to the same dtype
+
+
+def same_dtype_cast(step_cls):
+    """A LinearOpStep subclass for casts (x.to(dtype), x.float(), ...): where the cast returned its
+    input itself (already that dtype: HF's RMSNorm upcasts float32 to float32), relevance passes
+    to it as it came, without the vector-Jacobian product of the COPY rule."""
+
+    class CastStep(step_cls):
+        def relprop(self, msg, call):
+            saved = call.saved[self.index]
+            xs, z = saved[2], saved[3]
+            if len(xs) == 1 and z is xs[0] and len(self.inputs) == 1:
+                return [(self.inputs[0], msg)]
+            return super().relprop(msg, call)
+
+    CastStep.__name__ = CastStep.__qualname__ = "CastStep"
+    return CastStep
+
+
+# ============================================================================= after the steps are built
+
+
+def relax(plan) -> None:
+    """Plan-wide savings, once the steps exist (before graph._finish):
+
+    - `x.contiguous()` read only by attention steps (HF's q/k/v before SDPA): the input itself,
+      not a copy (those steps take any strides); the copy would be kept for the relevance pass
+      beside the tensor it copies.
+    - a product whose factor is an activation of a tensor the relevance pass keeps anyway
+      (SwiGLU's silu(gate(x)) * up(x): the gate's output, kept for its division) recomputes the
+      activation in its relevance step instead of keeping it (one elementwise op for a tensor
+      of the MLP's width)."""
+    from . import nodes as N
+    from .transformer import ScaledDotProductAttentionStep
+
+    steps = plan.steps
+    users = [[] for _ in steps]
+    for s in steps:
+        for d in s.deps:
+            users[d].append(s)
+    for s in steps:
+        if isinstance(s, N.PassStep) and s.op == "Tensor.contiguous" and not s.identity and users[s.index] \
+                and all(isinstance(u, ScaledDotProductAttentionStep) for u in users[s.index]):
+            s.identity = True
+    for s in steps:
+        if type(s) is not N.MulStep:
+            continue
+        rec = {}
+        for j, i in enumerate(s.factors):
+            p = steps[i] if i is not None else None
+            if isinstance(p, N.PassStep) and type(p) is N.PassStep and p.fn is not None and not p.identity \
+                    and not p.is_relu and p.deps == [p.src] and [u.index for u in users[p.index]] == [s.index] \
+                    and isinstance(steps[p.src], N.ContractionStep):
+                rec[j] = p
+        if rec:
+            s.__class__ = _RecomputingMulStep
+            s.recompute = rec
+
+
+class _Recompute:
+    __slots__ = ("step", "x")
+
+    def __init__(self, step, x):
+        self.step, self.x = step, x
+
+    def __getitem__(self, i):   # the one-tensor environment of the activation's forward
+        if i != self.step.src:
+            raise KeyError(i)
+        return self.x
+
+
+def _recomputing_mul_step():
+    from .nodes import MulStep
+
+    class _RecomputingMulStep(MulStep):
+        """A MulStep keeping, for an activation factor, the activation's input (kept anyway)."""
+
+        recompute: dict = {}
+
+        def forward(self, env, call):
+            z = super().forward(env, call)
+            values, zz, const = call.saved[self.index]
+            values = list(values)
+            for j, p in self.recompute.items():
+                x = call.steps[p.src].output_of(call)   # (its env slot may be freed by now)
+                values[j] = _Recompute(p, x) if x is not None else values[j]
+            call.saved[self.index] = (values, zz, const)
+            return z
+
+        def relprop(self, msg, call):
+            values, z, const = call.saved[self.index]
+            values = [v.step.forward(v, call) if isinstance(v, _Recompute) else v for v in values]
+            call.saved[self.index] = (values, z, const)
+            return super().relprop(msg, call)
+
+    return _RecomputingMulStep
+
+
+_RecomputingMulStep = _recomputing_mul_step()
