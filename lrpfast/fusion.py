@@ -392,11 +392,7 @@ def relax(plan) -> None:
 
     - `x.contiguous()` read only by attention steps (HF's q/k/v before SDPA): the input itself,
       not a copy (those steps take any strides); the copy would be kept for the relevance pass
-      beside the tensor it copies.
-    - a product whose factor is an activation of a tensor the relevance pass keeps anyway
-      (SwiGLU's silu(gate(x)) * up(x): the gate's output, kept for its division) recomputes the
-      activation in its relevance step instead of keeping it (one elementwise op for a tensor
-      of the MLP's width)."""
+      beside the tensor it copies."""
     from . import nodes as N
     from .transformer import ScaledDotProductAttentionStep
 
@@ -409,58 +405,3 @@ def relax(plan) -> None:
         if isinstance(s, N.PassStep) and s.op == "Tensor.contiguous" and not s.identity and users[s.index] \
                 and all(isinstance(u, ScaledDotProductAttentionStep) for u in users[s.index]):
             s.identity = True
-    for s in steps:
-        if type(s) is not N.MulStep:
-            continue
-        rec = {}
-        for j, i in enumerate(s.factors):
-            p = steps[i] if i is not None else None
-            if isinstance(p, N.PassStep) and type(p) is N.PassStep and p.fn is not None and not p.identity \
-                    and not p.is_relu and p.deps == [p.src] and [u.index for u in users[p.index]] == [s.index] \
-                    and isinstance(steps[p.src], N.ContractionStep):
-                rec[j] = p
-        if rec:
-            s.__class__ = _RecomputingMulStep
-            s.recompute = rec
-
-
-class _Recompute:
-    __slots__ = ("step", "x")
-
-    def __init__(self, step, x):
-        self.step, self.x = step, x
-
-    def __getitem__(self, i):   # the one-tensor environment of the activation's forward
-        if i != self.step.src:
-            raise KeyError(i)
-        return self.x
-
-
-def _recomputing_mul_step():
-    from .nodes import MulStep
-
-    class _RecomputingMulStep(MulStep):
-        """A MulStep keeping, for an activation factor, the activation's input (kept anyway)."""
-
-        recompute: dict = {}
-
-        def forward(self, env, call):
-            z = super().forward(env, call)
-            values, zz, const = call.saved[self.index]
-            values = list(values)
-            for j, p in self.recompute.items():
-                x = call.steps[p.src].output_of(call)   # (its env slot may be freed by now)
-                values[j] = _Recompute(p, x) if x is not None else values[j]
-            call.saved[self.index] = (values, zz, const)
-            return z
-
-        def relprop(self, msg, call):
-            values, z, const = call.saved[self.index]
-            values = [v.step.forward(v, call) if isinstance(v, _Recompute) else v for v in values]
-            call.saved[self.index] = (values, z, const)
-            return super().relprop(msg, call)
-
-    return _RecomputingMulStep
-
-
-_RecomputingMulStep = _recomputing_mul_step()

@@ -601,6 +601,10 @@ class MulStep(_EpsilonStep):
                 raise RelevanceError(f"LRP: {self.describe()} broadcasts the factor of shape {tuple(t.shape)} across "
                                      f"samples or leading dims of {tuple(z.shape)}; only broadcasting within a "
                                      "sample (e.g. (B, C, 1, 1) gates) is supported")
+        if all(t.shape == z.shape and t.dtype == z.dtype for i, t in zip(self.factors, values) if i is not None):
+            # no computed factor broadcast: R_i = z ⊙ s / n for each (relprop), the factors not needed
+            call.saved[self.index] = (None, z, None)
+            return z
         operands = list(args[:2]) + ([kwargs["other"]] if len(args) < 2 else [])
         const = [a for a, i in zip(operands, self.factors) if i is None]   # numbers, parameters
         call.saved[self.index] = (values, z, const)
@@ -609,6 +613,13 @@ class MulStep(_EpsilonStep):
     def relprop(self, msg, call):
         values, z, const = call.saved[self.index]
         s = self._s(msg, call)                      # R / stab(z): K*B rows
+        if values is None:
+            # Each computed factor t of z = Π factors gets (1/n) t ⊙ (Π others) ⊙ s = (1/n) z ⊙ s:
+            # one message (s/n, z) for all of them, read by each recipient's own division
+            computed = [i for i in self.factors if i is not None]
+            if len(computed) > 1:
+                s = s.mul_(1.0 / len(computed)) if msg.kind != DIVIDED else s * (1.0 / len(computed))
+            return [(i, Msg(LAZY, s, z, len(computed) == 1)) for i in computed]
         b = z.shape[0]
         computed = [(i, t) for i, t in zip(self.factors, values) if i is not None]
         share = 1.0 / len(computed)                 # uniform rule: ½ each for two computed factors
