@@ -224,17 +224,32 @@ def _mult(c: torch.Tensor, f, b: int) -> torch.Tensor:
 
 
 class RotaryStep(_RegionStep):
-    """HF's rotary embedding, z = x ⊙ cos + rotate_half(x) ⊙ sin: module docstring."""
+    """HF's rotary embedding, z = x ⊙ cos + rotate_half(x) ⊙ sin: module docstring. z is made
+    contiguous ((B, heads, L, D), what attention reads), the relevance to x comes in x's layout
+    (the (B, L, heads, D) of the projection it is a view of): neither side copies a layout."""
 
     def __init__(self, name, program, load, eps, stabilizer, op, cos_sin, half):
         super().__init__(name, program, load, eps, stabilizer, op)
         self.cos_sin, self.half = cos_sin, half
 
+    def _direct(self, x, cos, sin) -> bool:
+        return (not torch.compiler.is_compiling() and x.dtype == cos.dtype == sin.dtype
+                and cos.shape == sin.shape and cos.dim() <= x.dim()
+                and all(m in (1, n) for m, n in zip(cos.shape[::-1], x.shape[::-1])))
+
     def forward(self, env, call):
         x = env[self.src]
-        z = self._replay(env)
         cos, sin = self.cos_sin(env)
-        if not isinstance(z, torch.Tensor) or z.shape != x.shape or x.shape[-1] != 2 * self.half:
+        h = self.half
+        if isinstance(x, torch.Tensor) and x.shape[-1] == 2 * h and isinstance(cos, torch.Tensor) \
+                and isinstance(sin, torch.Tensor) and self._direct(x, cos, sin):
+            # the region's own arithmetic, in three passes: x*cos, then -x2*sin and +x1*sin added
+            z = torch.mul(x, cos, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+            z[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+            z[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        else:
+            z = self._replay(env)
+        if not isinstance(z, torch.Tensor) or z.shape != x.shape or x.shape[-1] != 2 * h:
             raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
                                  f"{tuple(getattr(z, 'shape', ()))}: a rotary embedding must keep x's shape")
         call.saved[self.index] = (x, z, cos, sin)
@@ -244,10 +259,18 @@ class RotaryStep(_RegionStep):
         x, z, cos, sin = call.saved[self.index]
         s = msg.a if msg.kind == DIVIDED else divide(msg, z, self.eps, self.stabilizer)
         b, h = x.shape[0], self.half
-        c = _mult(s, cos, b)
-        u = _mult(s, sin, b)
-        c[..., :h] += u[..., h:]
-        c[..., h:] -= u[..., :h]
+        if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and self._direct(x, cos, sin) \
+                and (s.shape[0] == b or cos.shape[0] == 1 or cos.dim() < s.dim()):
+            # Jᵀs = s ⊙ cos + Pᵀ(s ⊙ sin), Pᵀu = cat(u[..., h:], -u[..., :h])
+            c = torch.empty_like(x) if s.shape == x.shape else torch.empty_like(s)
+            torch.mul(s, cos, out=c)
+            c[..., :h].addcmul_(s[..., h:], sin[..., h:])
+            c[..., h:].addcmul_(s[..., :h], sin[..., :h], value=-1)
+        else:
+            c = _mult(s, cos, b)
+            u = _mult(s, sin, b)
+            c[..., :h] += u[..., h:]
+            c[..., h:] -= u[..., :h]
         return [(self.src, Msg(LAZY, c if c.dtype == x.dtype else c.to(x.dtype), x, True))]
 
 
@@ -272,9 +295,18 @@ class ScaleChainStep(_RegionStep):
         s = msg.a if msg.kind == DIVIDED else divide(msg, z, self.eps, self.stabilizer)
         b = x.shape[0]
         c = s
+        fresh = msg.kind != DIVIDED   # s is this step's own temporary: scaled in place
         for f in factors:
-            c = _mult(c, f, b)
-        if c is s:
+            per_map = isinstance(f, torch.Tensor) and f.dim() == c.dim() and f.shape[0] == b and c.shape[0] != b
+            if fresh and isinstance(f, torch.Tensor) and not per_map and f.dim() <= c.dim() \
+                    and all(m in (1, n) for m, n in zip(f.shape[::-1], c.shape[::-1])) \
+                    and torch.result_type(c, f) == c.dtype:
+                c = c.mul_(f)
+            elif fresh and not isinstance(f, torch.Tensor):
+                c = c.mul_(f)
+            else:
+                c, fresh = _mult(c, f, b), True
+        if c is s and not fresh:
             c = s.clone()
         if c.shape[1:] != x.shape[1:]:
             c = c.sum_to_size((c.shape[0], *x.shape[1:]))

@@ -56,9 +56,25 @@ def per_sample(a: torch.Tensor, b: int) -> torch.Tensor:
     return a.view(b, a.shape[0] // b, *a.shape[1:])
 
 
+def _dense_order(z: torch.Tensor):
+    """The permutation that makes z contiguous, where z is a permuted dense tensor with its batch
+    dim first (a (B, heads, L, D) view of a (B, L, heads, D) tensor); else None."""
+    if z.dim() < 3 or z.is_contiguous() or torch.compiler.is_compiling():
+        return None
+    order = sorted(range(z.dim()), key=lambda d: (-z.stride(d), d))
+    if order[0] != 0 or not z.permute(order).is_contiguous():
+        return None
+    return order
+
+
 def divide(msg: Msg, z: torch.Tensor, eps: float, stabilizer: str) -> torch.Tensor:
-    """s = R / stab(z), fused with the pending product when R is LAZY."""
+    """s = R / stab(z), fused with the pending product when R is LAZY. Tensors laid out alike in
+    a permuted order are divided in that order (the fused kernels would copy each to contiguous)."""
     if msg.kind == LAZY and msg.x.shape == z.shape:
+        order = _dense_order(z)
+        if order is not None and msg.a.permute(order).is_contiguous() and msg.x.permute(order).is_contiguous():
+            s = ops.mul_stab_div(msg.a.permute(order), msg.x.permute(order), z.permute(order), eps, stabilizer)
+            return s.permute([order.index(d) for d in range(z.dim())])
         return ops.mul_stab_div(msg.a, msg.x, z, eps, stabilizer)
     return ops.stab_div(materialize(msg), z, eps, stabilizer)
 
