@@ -437,3 +437,65 @@ def relax(plan) -> None:
         if isinstance(s, N.PassStep) and s.op == "Tensor.contiguous" and not s.identity and users[s.index] \
                 and all(isinstance(u, ScaledDotProductAttentionStep) for u in users[s.index]):
             s.identity = True
+
+
+# ============================================================================= constants computed once
+
+
+def cache_constants(plan) -> None:
+    """Tensors the forward computes from parameters and buffers only (ConstExprStep: masks, the
+    rotary cos/sin tables) are computed again only when what they come from changed: each such
+    step keeps its last value with a key made of the versions of the parameters/buffers it reads
+    (an in-place write bumps it: lrpfast.hf writes the attention mask per call) and the shapes it
+    reads. Steps reading anything computed from the input (DerivedStep, CP's held softmax) are
+    never cached."""
+    from . import nodes as N
+
+    steps = plan.steps
+    ok = [False] * len(steps)
+    for s in steps:
+        if type(s) is N.ConstStep or isinstance(s, N.MetaStep):
+            ok[s.index] = True
+        elif type(s) is N.ConstExprStep and all(ok[d] for d in s.deps):
+            ok[s.index] = True
+            s.__class__ = _CachedConstExprStep
+            s.sources = [(d, type(steps[d]) is N.ConstStep) for d in s.deps]
+            s.cached = None
+
+
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+
+
+def _cached_const_expr_step():
+    from .nodes import ConstExprStep, ConstStep
+
+    class _CachedConstExprStep(ConstExprStep):
+        sources: list = []
+        cached = None
+
+        def forward(self, env, call):
+            if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE) is not None:
+                return super().forward(env, call)   # (LRP._profile's shape-only forward: no cache)
+            key = []
+            steps = call.steps
+            for d, const in self.sources:
+                if const:
+                    v = steps[d].value
+                    key.append((id(v), getattr(v, "_version", None)))
+                else:   # a cached constant (its object: the same while cached) or shape arithmetic
+                    key.append(env[d] if not isinstance(env[d], torch.Tensor) else id(env[d]))
+            key = tuple(key)
+            hit = self.cached
+            try:
+                if hit is not None and hit[0] == key:
+                    return hit[1]
+            except Exception:  # noqa: BLE001 (an unhashable/uncomparable shape value: compute)
+                pass
+            value = super().forward(env, call)
+            self.cached = (key, value)
+            return value
+
+    return _CachedConstExprStep
+
+
+_CachedConstExprStep = _cached_const_expr_step()

@@ -409,6 +409,7 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
     if plan.input < 0:
         raise RelevanceError("LRP: the traced model has no input")
     fusion.relax(plan)
+    fusion.cache_constants(plan)
     _finish(plan, rule_for)
     return plan
 

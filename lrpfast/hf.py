@@ -119,6 +119,8 @@ class _Explained(nn.Module):
         if value is None or buf is None:
             setattr(self, name, None if value is None else value.clone())
             return
+        if buf.shape == value.shape and buf.dtype == value.dtype and torch.equal(buf, value):
+            return   # unchanged: its version stays, so the constants computed from it stay cached
         if buf.shape != value.shape:
             buf.resize_(value.shape)
         buf.copy_(value)
