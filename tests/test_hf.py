@@ -313,3 +313,34 @@ def test_plain_lrp_points_to_lrpfast_hf():
 
     with pytest.raises(RelevanceError, match="lrpfast.hf.LRP"):
         lrpfast.LRP(model("vit"))
+
+
+# ----------------------------------------------------------------------------- the plan of a Llama
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma"])
+def test_rotary_norms_and_head_are_one_step_each(name):
+    """lrpfast/fusion.py: the rotary embedding and the written-out RMSNorm are one step each, the
+    LM head runs on the explained row of each sample only, the mask's constants are computed once
+    per mask; the map still equals the oracle at eps = 0 and a new mask is not served stale."""
+    from lrpfast import fusion
+
+    m = model(name)
+    ids, mask = tokens()
+    lrp = H.LRP(m, eps=0.0, attention="attnlrp")
+    e = lrp(ids, mask)
+    plan = lrp._explainers["inputs_embeds"][1].plan
+    kinds = [type(s).__name__ for s in plan.steps]
+    assert kinds.count("RotaryStep") == 2 * m.config.num_hidden_layers
+    assert kinds.count("ScaleChainStep") >= 2 * m.config.num_hidden_layers + 1
+    head = next(s for s in plan.steps if s.op == "Linear" and s.module is m.lm_head)
+    assert plan.steps[head.src].name.endswith("_rows")           # the gather comes first
+    assert any(isinstance(s, fusion.Elided) for s in plan.steps)
+    oracle = gradient_oracle(Reference(m, mask), e.embeddings, e.targets, attention="attnlrp")
+    assert rel_err(e.relevance, oracle) <= 2e-6
+    again = lrp(ids, mask)                                           # cached constants: same map
+    assert torch.equal(again.relevance, e.relevance)
+    m2 = mask.clone()
+    m2[0, -2:] = 0
+    fresh = H.LRP(m, eps=0.0, attention="attnlrp")(ids, m2)
+    assert torch.allclose(lrp(ids, m2).relevance, fresh.relevance, rtol=0, atol=0)
