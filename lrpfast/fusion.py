@@ -293,6 +293,9 @@ class ScaleChainStep(_RegionStep):
     def relprop(self, msg, call):
         x, z, factors = call.saved[self.index]
         s = msg.a if msg.kind == DIVIDED else divide(msg, z, self.eps, self.stabilizer)
+        if z.shape == x.shape and z.dtype == x.dtype:
+            # a diagonal map: x ⊙ Jᵀs = x ⊙ (Π factors) ⊙ s = z ⊙ s, no product to take
+            return [(self.src, Msg(LAZY, s, z, msg.kind != DIVIDED))]
         b = x.shape[0]
         c = s
         fresh = msg.kind != DIVIDED   # s is this step's own temporary: scaled in place

@@ -1131,6 +1131,7 @@ def relevance(plan: Plan, call: N.Call, r0: torch.Tensor, record: Optional[Calla
     steps = plan.steps
     incoming: list = [None] * len(steps)
     incoming[plan.output] = [N.Msg(N.DENSE, r0, None, True)]
+    call.pending = incoming if record is None else None   # (a recorded step must return its messages)
     result = None
     for i in range(len(steps) - 1, -1, -1):
         msgs = incoming[i]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import _fallback, canonize, merged_batch, ops
 from .ops import RelevanceError
-from .rules import LayerContext
+from .rules import Epsilon, LayerContext
 
 DENSE, LAZY, DIVIDED = 0, 1, 2
 
@@ -119,7 +119,7 @@ def relevance_sum(msg: Msg, b: int, k: int) -> torch.Tensor:
 class Call:
     """The state of one call: what each step saved in its forward, denominators asked for."""
 
-    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits", "bdim", "batch")
+    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits", "bdim", "batch", "pending")
 
     def __init__(self, steps, fuse_pools: bool, batch: Optional[int] = None):
         self.steps = steps
@@ -129,6 +129,7 @@ class Call:
         self.fuse_pools = fuse_pools
         self.logits = None
         self.bdim = {}   # step index -> the batch dim of its output, where it is not 0
+        self.pending = None   # during the relevance pass: step index -> messages waiting for it
 
     def batch_first(self, i: int, t):
         """Step i's output t (or a tensor laid out like it) as a batch-first view."""
@@ -355,6 +356,8 @@ class ContractionStep(Step):
             else:
                 s = divide(msg, *den)
         if out is None:
+            if self.kind == "linear" and type(rule).contract is Epsilon.contract and self._accumulate(ctx, s, call):
+                return []
             contract = getattr(rule, "contract", None)
             c = contract(ctx, s) if contract is not None else None
             if c is None:
@@ -362,6 +365,21 @@ class ContractionStep(Step):
             else:
                 out = Msg(LAZY, c, ctx.x, True)
         return [(self.src, out)]
+
+    def _accumulate(self, ctx, s, call) -> bool:
+        """Wᵀs added into the message another reader of x has already sent x (q, k and v
+        projections of one normalised x; a gate and an up projection): R = x ⊙ (c1 + c2) is one
+        message either way, and the sum is taken inside the GEMM (addmm) instead of a pass after."""
+        pending = call.pending[self.src] if call.pending is not None else None
+        if not pending or len(pending) != 1 or torch.compiler.is_compiling():
+            return False
+        m = pending[0]
+        w = ctx.weight
+        if not (m.kind == LAZY and m.owned and m.x is ctx.x and m.a.is_contiguous() and m.a.dtype == s.dtype
+                and w.dtype == s.dtype and m.a.shape == (*s.shape[:-1], w.shape[1]) and s.is_contiguous()):
+            return False
+        m.a.view(-1, w.shape[1]).addmm_(s.view(-1, w.shape[0]), w)
+        return True
 
     def zero_preserving(self, plan):
         return bool(getattr(self.rule, "input_proportional", False))
