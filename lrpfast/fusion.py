@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .nodes import DIVIDED, LAZY, Msg, Step, _EpsilonStep, _times_per_sample, divide
+from .nodes import DENSE as DENSE_KIND, DIVIDED, LAZY, Msg, Step, _EpsilonStep, _times_per_sample, divide
 from .ops import RelevanceError
 
 _ADD = (operator.add, torch.add)
@@ -417,6 +417,31 @@ def same_dtype_cast(step_cls):
 
     CastStep.__name__ = CastStep.__qualname__ = "CastStep"
     return CastStep
+
+
+def direct_gather(step_cls):
+    """A LinearOpStep subclass for x.gather(dim, index) with a constant index (lrpfast.hf picks
+    the explained row with one): the COPY rule's Jᵀ is a scatter-add into zeros, taken directly
+    instead of through autograd."""
+
+    class GatherStep(step_cls):
+        def relprop(self, msg, call):
+            args, kwargs, xs, z, carries = call.saved[self.index]
+            if len(xs) == 1 and len(self.inputs) == 1 and len(args) == 3 and not kwargs and args[0] is xs[0] \
+                    and isinstance(args[1], int) and isinstance(args[2], torch.Tensor) \
+                    and not torch.compiler.is_compiling():
+                g = msg.a if msg.kind == DENSE_KIND else None
+                if g is None:
+                    from .nodes import materialize
+                    g = materialize(msg)
+                x, idx = xs[0], args[2]
+                if g.shape == idx.shape and g.dtype == x.dtype:
+                    out = torch.zeros_like(x, memory_format=torch.contiguous_format)
+                    return [(self.inputs[0], Msg(DENSE_KIND, out.scatter_add_(args[1], idx, g), None, True))]
+            return super().relprop(msg, call)
+
+    GatherStep.__name__ = GatherStep.__qualname__ = "GatherStep"
+    return GatherStep
 
 
 # ============================================================================= after the steps are built

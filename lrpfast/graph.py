@@ -709,12 +709,15 @@ def _linear_op_step(plan, node, index, add, ref, rule, eps, stabilizer):
     cls = op_rules.LinearOpStep
     if node.op == "call_method" and node.target in fusion.CASTS and len(computed) == 1:
         cls = _CAST_STEP
+    elif (node.op == "call_method" and node.target == "gather") or node.target is torch.gather:
+        cls = _GATHER_STEP
     step = cls(node.name, _callable(node), ref(node.args), ref(node.kwargs), _load, _target_name(node), rule, eps,
                stabilizer)
     return add(step, node, None, computed)
 
 
 _CAST_STEP = fusion.same_dtype_cast(op_rules.LinearOpStep)
+_GATHER_STEP = fusion.direct_gather(op_rules.LinearOpStep)
 
 
 def _max_pool_step(name, dims, m, kind):
