@@ -337,9 +337,19 @@ class ScaledDotProductAttentionStep(Step):
             raise RelevanceError(f"LRP: {self.describe()} expects (B, ..., L, E) query, key and value, got "
                                  f"{[tuple(t.shape) for t in (q, k, v)]}")
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        scores = torch.matmul(q * scale, k.transpose(-1, -2))
-        lq, s_len = scores.shape[-2:]
         mask = a["attn_mask"]
+        if not self.is_causal and isinstance(mask, torch.Tensor) and mask.is_floating_point() \
+                and mask.dtype == q.dtype and mask.dim() <= q.dim() and not torch.compiler.is_compiling():
+            # scores = mask + scale * (q kᵀ): the scaling and the mask in one pass
+            scores = torch.matmul(q, k.transpose(-1, -2))
+            if all(m in (1, n) for m, n in zip(mask.shape[::-1], scores.shape[::-1])):
+                scores = torch.add(mask, scores, alpha=scale, out=scores)
+                mask = None
+            else:
+                scores = scores.mul_(scale)
+        else:
+            scores = torch.matmul(q * scale, k.transpose(-1, -2))
+        lq, s_len = scores.shape[-2:]
         if self.is_causal:
             causal = torch.ones(lq, s_len, dtype=torch.bool, device=q.device).tril_()
             mask = causal if mask is None else (causal & mask if mask.dtype == torch.bool else
@@ -380,6 +390,9 @@ class ScaledDotProductAttentionStep(Step):
     def relprop(self, msg, call):
         v, attn, o, qk = call.saved[self.index]
         s = msg.a if msg.kind == DIVIDED else divide(msg, o, self.eps, self.stabilizer)
+        if qk is not None and s.dim() == 4 and s.shape == o.shape and attn.is_contiguous() \
+                and not torch.compiler.is_compiling():
+            return self._relprop_4d(s, v, attn, *qk)
         c = attend_back(attn, s)
         if qk is None:
             return [(self.value_src, Msg(LAZY, c, v, True))]
@@ -389,6 +402,26 @@ class ScaledDotProductAttentionStep(Step):
         g.mul_(0.25 * scale)                # ½ of A V's relevance to A, ½ of that to each of Q, K
         cq = shared_matmul(g, k)
         ck = shared_matmul(g.transpose(-1, -2), q)
+        return _messages([(self.value_src, c, v), (self.query_src, cq, q), (self.key_src, ck, k)])
+
+    def _relprop_4d(self, s, v, attn, q, k, scale):
+        """AttnLRP's step (relprop) for one map per sample of (B, heads, L, D) tensors: s made
+        contiguous once for its two products; the value's relevance written in the (B, L, heads, D)
+        layout the value projection's output has; the ¼·scale of the query/key relevance taken
+        inside their batched GEMMs (baddbmm's alpha)."""
+        bsz, heads, lq, d = s.shape
+        s_len = attn.shape[-1]
+        s = s.contiguous()
+        c = torch.matmul(attn.transpose(-1, -2), s, out=s.new_empty((bsz, s_len, heads, d)).transpose(1, 2))
+        c.mul_(0.5)
+        g = softmax_rule(attn, torch.matmul(s, v.transpose(-1, -2)))      # (B, heads, L, S)
+        alpha = 0.25 * scale
+        g3 = g.view(bsz * heads, lq, s_len)
+        qc, kc = q.contiguous(), k.contiguous()
+        cq = torch.baddbmm(g.new_empty((bsz * heads, lq, qc.shape[-1])), g3, kc.view(bsz * heads, s_len, -1),
+                           beta=0, alpha=alpha).view(bsz, heads, lq, -1)
+        ck = torch.baddbmm(g.new_empty((bsz * heads, s_len, kc.shape[-1])), g3.transpose(1, 2),
+                           qc.view(bsz * heads, lq, -1), beta=0, alpha=alpha).view(bsz, heads, s_len, -1)
         return _messages([(self.value_src, c, v), (self.query_src, cq, q), (self.key_src, ck, k)])
 
     def zero_preserving(self, plan):
