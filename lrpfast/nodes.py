@@ -88,6 +88,13 @@ def combine(msgs: List[Msg]) -> Msg:
     if all(m.kind == LAZY and m.x is first.x for m in msgs):
         kind, x = LAZY, first.x
         parts = [m for m in msgs]
+    elif all(m.kind == LAZY and m.a.shape == m.x.shape and m.a.dtype == m.x.dtype for m in msgs) \
+            and not torch.compiler.is_compiling():
+        # R = Σ x_i ⊙ c_i: the first product, then each further one added in the same pass (addcmul)
+        acc = ops.mul_input(first.a, first.x)
+        for m in msgs[1:]:
+            acc.addcmul_(m.a, m.x)
+        return Msg(DENSE, acc, None, True)
     else:
         kind, x = DENSE, None
         parts = [m if m.kind == DENSE else Msg(DENSE, materialize(m), None, True) for m in msgs]
@@ -1090,11 +1097,19 @@ class IndexStep(Step):
         idx, out_bd = self.canonical(x, args[0], d)
         if out_bd:
             call.bdim[self.index] = out_bd
-        call.saved[self.index] = (x, idx, d, out_bd)
-        return x[idx]
+        y = x[idx]
+        # everything selected, nothing added or dropped (HF's hidden[:, slice(0, None), :]): the
+        # relevance passes as it is
+        whole = y.shape == x.shape and len(idx) <= x.dim() and all(
+            isinstance(e, slice) and e.start in (None, 0) and e.step in (None, 1) and (e.stop is None or e.stop >= n)
+            for e, n in zip(idx, x.shape))
+        call.saved[self.index] = (x, idx, d, out_bd, whole)
+        return y
 
     def relprop(self, msg, call):
-        x, idx, d, out_bd = call.saved[self.index]
+        x, idx, d, out_bd, whole = call.saved[self.index]
+        if whole:
+            return [(self.src, msg)]
         a = materialize(msg)   # the pending product on the selection, before the scatter (PieceStep)
         shape = list(x.shape)
         shape[d] = a.shape[0]
