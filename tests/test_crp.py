@@ -232,6 +232,34 @@ def test_groups_and_batch_chunks_equal_one_pass(vgg):
             assert rel_l2(other.relevances[n], one.relevances[n]) <= 1e-14
 
 
+
+
+def test_groups_share_the_denominators_below_the_fan_out(vgg, monkeypatch):
+    """Groups of conditions run the layers below the conditioned one again, but their
+    denominators (z+ rule: a convolution with the positive weights) are computed once per call
+    and give the same maps as one pass."""
+    from lrpfast import nodes as N
+
+    model, x = vgg
+    conds = [{"y": c % 5, "5": [c % 8], "2": [c % 7]} for c in range(9)]
+    counts = []
+
+    def counting(self, call):
+        counts.append(self.index)
+        return real(self, call)
+
+    real = N.ContractionStep.denominator
+    monkeypatch.setattr(N.ContractionStep, "denominator", counting)
+    one = CondAttribution(model, composite="epsilon_plus_flat")(x, conds, record_layer=["0", "7"])
+    n_one, counts[:] = sorted(counts), []
+    attr = CondAttribution(model, composite="epsilon_plus_flat", batch_size=len(x))
+    attr.lrp.HEAP_TENSOR = 100_000   # groups of 2 conditions, the batch in one chunk
+    assert attr.lrp._schedule(x, len(conds)) == (len(x), 2)
+    grouped = attr(x, conds, record_layer=["0", "7"])
+    assert sorted(counts) == n_one   # each layer's denominator once, however many groups
+    assert rel_l2(grouped.relevance, one.relevance) <= 1e-14
+    for n in ("0", "7"):
+        assert rel_l2(grouped.relevances[n], one.relevances[n]) <= 1e-14
 # ----------------------------------------------------------------------------- against the oracle
 
 

@@ -466,11 +466,15 @@ class CondAttribution:
         saved = call.saved
         group = max(1, min(group or k, k))
         out_shape = None if rel is None else rel.shape[2:]
+        # The denominators below the fan-out (stab(z), for the z+ rule a convolution with the
+        # positive weights per layer) do not depend on the condition: every group but the last
+        # keeps them in call.dens for the next (B rows each, the size of the forward's outputs),
+        # the last frees each after its step.
         for g0 in range(0, k, group):
             idx = u_of_k[g0:g0 + group]
             g = idx.numel()
             last = g0 + group >= k
-            call.saved, call.dens = (saved if last else list(saved)), {}
+            call.saved = saved if last else list(saved)
             inc = P.fan_pending(incoming, fan_step, b, u, idx)
             inc[fan_step] = [P.fan(msg_f, b, u, idx)]
 
@@ -490,7 +494,7 @@ class CondAttribution:
                     keep(i, msg, g, slice(g0, g0 + g))
                 return msg
 
-            r = P.propagate(plan, call, inc, fan_step, stop=low, at_step=hook)
+            r = P.propagate(plan, call, inc, fan_step, stop=low, at_step=hook, keep_denominators=not last)
             if low is not None:
                 if inc[low] is not None:
                     hook(low, inc[low][0], inc)

@@ -22,12 +22,15 @@ from ..ops import RelevanceError
 
 
 def propagate(plan, call, incoming: list, start: int, stop: Optional[int] = None,
-              at_step: Optional[Callable] = None):
+              at_step: Optional[Callable] = None, keep_denominators: bool = False):
     """Run the pass over steps start, start-1, ... 0 with the messages in `incoming` (a list of
     Msg lists per step, consumed). With `stop`, return None as soon as step `stop` is next, its
     messages combined into incoming[stop] = [msg] (None: nothing reached it); else the relevance at the input (None when
     nothing reaches it). at_step(i, msg, incoming) -> msg (or None: nothing flows on from i) sees
-    the relevance at step i's output before its relevance step."""
+    the relevance at step i's output before its relevance step. keep_denominators: leave each
+    step's stabilised denominator in call.dens after its step (another group of conditions runs
+    the same steps next and reuses them: for the z+ rule each is a convolution of the forward's
+    size), instead of freeing it."""
     steps = plan.steps
     result = None
     for i in range(start, -1, -1):
@@ -57,7 +60,8 @@ def propagate(plan, call, incoming: list, start: int, stop: Optional[int] = None
                         incoming[j].append(m)
             outs = m = None
         call.saved[i] = None
-        call.dens.pop(i, None)
+        if not keep_denominators:
+            call.dens.pop(i, None)
     return result
 
 
