@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .nodes import DENSE as DENSE_KIND, DIVIDED, LAZY, Msg, Step, _EpsilonStep, _times_per_sample, divide
+from .derived import FWD as FWD_ROLE
 from .ops import RelevanceError
 
 _ADD = (operator.add, torch.add)
@@ -148,8 +149,31 @@ def _chains(graph: fx.Graph, derivation) -> List[Region]:
         muls = [n for n in nodes if _is(n, _MUL, ("mul",))]
         if len(nodes) < 2 or len(muls) < 2 or not any(held.get(n) for n in muls):
             continue
-        taken.update(nodes)
-        out.append(Region("scale", nodes[-1], nodes, carrier))
+        # The normaliser's own nodes (pow, mean, add, rsqrt: computed from the carrier alone) and a
+        # cast producing the carrier join the region when nothing outside reads them: one step
+        # computes the whole norm (its relevance is the chain's either way).
+        extra, stack = set(), [f for n in muls for f in held.get(n, ())]
+        while stack:
+            f = stack.pop()
+            if f not in extra and f not in taken and derivation.needs_step(f) == FWD_ROLE:
+                extra.add(f)
+                stack.extend(f.all_input_nodes)
+        if carrier.op == "call_method" and carrier.target in CASTS and not derivation.needs_step(carrier) \
+                and carrier.args and isinstance(carrier.args[0], fx.Node) and carrier.args[0] in computed \
+                and carrier not in taken:
+            extra.add(carrier)
+        inside = set(nodes)
+        while True:
+            drop = {e for e in extra if not set(e.users) <= inside | extra}
+            if not drop:
+                break
+            extra -= drop
+        if carrier in extra:
+            carrier = carrier.args[0]
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        members = sorted(inside | extra, key=order.__getitem__)
+        taken.update(members)
+        out.append(Region("scale", nodes[-1], members, carrier, chain=nodes))
     return out
 
 
@@ -197,8 +221,8 @@ class _RegionStep(_EpsilonStep):
         super().__init__(name, eps, stabilizer)
         self.program, self.load, self.op = program, load, op
 
-    def _replay(self, env):
-        z = None
+    def _replay(self, env, keep=()):
+        """z, and the values of the inner slots in `keep` (before they are cleared)."""
         inner = self.program[:-1]
         try:
             for slot, fn, args, kwargs in inner:
@@ -207,7 +231,7 @@ class _RegionStep(_EpsilonStep):
             _, fn, args, kwargs = self.program[-1]
             a, k = self.load(env, args, kwargs)
             z = fn(*a, **k)
-            return z
+            return z, {slot: env[slot] for slot in keep}
         finally:
             for slot, *_ in inner:
                 env[slot] = None
@@ -248,7 +272,7 @@ class RotaryStep(_RegionStep):
             z[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
             z[..., h:].addcmul_(x[..., :h], sin[..., h:])
         else:
-            z = self._replay(env)
+            z = self._replay(env)[0]
         if not isinstance(z, torch.Tensor) or z.shape != x.shape or x.shape[-1] != 2 * h:
             raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
                                  f"{tuple(getattr(z, 'shape', ()))}: a rotary embedding must keep x's shape")
@@ -277,17 +301,18 @@ class RotaryStep(_RegionStep):
 class ScaleChainStep(_RegionStep):
     """x times factors held constant (parameters, numbers, a normaliser), with casts between."""
 
-    def __init__(self, name, program, load, eps, stabilizer, op, factors):
+    def __init__(self, name, program, load, eps, stabilizer, op, factors, keep):
         super().__init__(name, program, load, eps, stabilizer, op)
-        self.factors = factors   # env -> the factors' values
+        self.factors = factors   # (env, inner values kept) -> the factors' values
+        self.keep = keep         # inner slots holding factors (the normaliser)
 
     def forward(self, env, call):
         x = env[self.src]
-        z = self._replay(env)
+        z, kept = self._replay(env, self.keep)
         if not isinstance(z, torch.Tensor) or z.dim() != x.dim() or z.shape[0] != x.shape[0]:
             raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
                                  f"{tuple(getattr(z, 'shape', ()))}: only broadcasting within a sample is supported")
-        call.saved[self.index] = (x, z, self.factors(env))
+        call.saved[self.index] = (x, z, self.factors(env, kept))
         return z
 
     def relprop(self, msg, call):
@@ -336,14 +361,16 @@ def build(region: Region, node: fx.Node, plan, index, add, ref, load, callable_o
     else:
         held = plan.derived.held
         fac = []
-        for n in region.nodes:
+        for n in region.info["chain"]:
             if _is(n, _MUL, ("mul",)):
                 carrier = _chain_link(n, plan.derived.info, held)
                 fac.extend(a for a in n.args if a is not carrier)
+        keep = tuple(dict.fromkeys(index[a] for a in fac if isinstance(a, fx.Node) and a in members))
         names = ", ".join(f"{n.name}" for n in region.nodes)
         step = ScaleChainStep(node.name, program, load, eps, stabilizer,
                               f"products with constant factors and casts ({names}) as one linear step",
-                              lambda env: [value(env, a) for a in fac])
+                              lambda env, kept: [kept[index[a]] if isinstance(a, fx.Node) and a in members
+                                                 else value(env, a) for a in fac], keep)
     add(step, node, region.x)
     step.deps = list(dict.fromkeys(index[a] for a in external if isinstance(a, fx.Node)))
     return step
