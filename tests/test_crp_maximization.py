@@ -98,6 +98,24 @@ def test_order_is_total_value_then_id():
         assert torch.equal(select_top(values[:, perm], ids[perm], pos[perm], 4)[1], i)
 
 
+def test_select_top_equals_a_sort():
+    """The (value, id) key of select_top against Python's sort: negative values, exact ties,
+    -0.0 (equal to 0.0), tiny (subnormal) values and ids up to 2**32 - 1."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        m = int(torch.randint(1, 60, (1,), generator=g))
+        v = torch.randint(-3, 4, (2, m), generator=g).float() * (0.5 if trial % 3 else 1e-41)
+        v[v == 0] = -0.0 if trial % 2 else 0.0
+        ids = torch.randperm(m, generator=g) * (2 ** 32 // m - 1) if trial % 4 == 0 else torch.randperm(m, generator=g)
+        pos = torch.arange(m)
+        n = int(torch.randint(1, m + 2, (1,), generator=g))
+        vals, got, _ = select_top(v, ids, pos, n)
+        for row in range(2):
+            want = sorted(range(m), key=lambda j: (-float(v[row, j]), int(ids[j])))[:n]
+            assert got[row].tolist() == [int(ids[j]) for j in want]
+            assert vals[row].tolist() == [float(v[row, j]) for j in want]
+
+
 class Interrupting(Dataset):
     """The toy inputs; raises at sample `fail_at` (an interruption mid-shard)."""
 

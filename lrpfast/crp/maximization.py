@@ -54,16 +54,29 @@ NAME = "relevance_maximization"
 # ----------------------------------------------------------------------------- the order
 
 
+_ID_LIMIT = 1 << 32
+
+
+def _order_key(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """One int64 per candidate, larger = better in the index's order: the float32 value's bits
+    made monotone (signed) in the high 32 bits, the complement of the id (< 2**32) in the low 32
+    bits, so equal values rank the smaller id first. -0.0 counts as 0.0."""
+    bits = (values.float() + 0.0).view(torch.int32).long()
+    mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)   # negative floats: order reversed
+    return (mono << 32) | ((_ID_LIMIT - 1) - ids)
+
+
 def select_top(values: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, n: int):
     """The n best columns of each row of (C, M) candidates: values descending, ties by id
     ascending (a total order, so the result does not depend on the candidates' order).
-    ids, pos: (C, M) or (M,) (shared by all rows). Returns (values, ids, pos), each (C, min(n, M))."""
-    c = values.shape[0]
+    ids, pos: (C, M) or (M,) (shared by all rows). Returns (values, ids, pos), each (C, min(n, M)).
+    One top-k over a combined (value, id) key (no sort of all candidates)."""
+    c, m = values.shape
     ids = ids.expand(c, -1) if ids.dim() == 1 else ids
     pos = pos.expand(c, -1) if pos.dim() == 1 else pos
-    o = torch.argsort(ids, dim=1, stable=True)
-    values, ids, pos = values.gather(1, o), ids.gather(1, o), pos.gather(1, o)
-    o = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :n]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= _ID_LIMIT):
+        raise RelevanceError(f"{NAME}: sample ids must lie in 0..2**32-1")
+    o = _order_key(values, ids).topk(min(n, m), dim=1, largest=True, sorted=True).indices
     return values.gather(1, o), ids.gather(1, o), pos.gather(1, o)
 
 
