@@ -301,6 +301,7 @@ class ContractionStep(Step):
     # bare nn.Linear/nn.ConvNd that carries the call's geometry for the rules and composites.
     load_wb = None
     _fwb = (None, None)
+    _plain = None   # (weight, bias, their detached views): params() without two detach() per call
 
     def params(self, env=None):
         """The weight and bias the forward runs with: the module's own (detached), or with the
@@ -313,7 +314,18 @@ class ContractionStep(Step):
                 self._fwb = (w.detach(), None if b is None else b.detach())
             return self._fwb
         if self.bn is None:
-            return m.weight.detach(), None if m.bias is None else m.bias.detach()
+            plain = self._plain
+            if plain is not None and plain[0] is m.weight and plain[1] is m.bias and not torch.compiler.is_compiling() \
+                    and plain[2][0].data_ptr() == m.weight.data_ptr() and plain[2][0].dtype == m.weight.dtype \
+                    and (m.bias is None or (plain[2][1].data_ptr() == m.bias.data_ptr()
+                                            and plain[2][1].dtype == m.bias.dtype)):
+                # detached views of these very parameters, sharing their storage and version (a
+                # `param.data = ...` swap, as module.to() does, changes the pointer: taken again)
+                return plain[2]
+            wb = m.weight.detach(), None if m.bias is None else m.bias.detach()
+            if not torch.compiler.is_compiling():
+                self._plain = (m.weight, m.bias, wb)
+            return wb
         if torch.compiler.is_compiling():
             # Fold in the graph, every call: the stamp's `_version` is not traceable, and the
             # parameters are graph inputs, so this is never stale (lrpfast.modified_weights).
