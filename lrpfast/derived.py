@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nodes import ConstExprStep, PassStep
+from .op_rules import data_operands
 from .ops import RelevanceError
 
 FWD, ACT = "forward only", "activation"
@@ -116,7 +117,7 @@ class Derivation:
                 if is_meta(node):
                     continue
                 computed = []
-                fx.node.map_arg((node.args, node.kwargs), lambda a: computed.append(a) if a in self.info else None)
+                fx.node.map_arg(data_operands(node), lambda a: computed.append(a) if a in self.info else None)
                 computed = list(dict.fromkeys(computed))
                 if computed:
                     inf = self._classify(node, computed)
@@ -278,7 +279,8 @@ class Derivation:
         role = self.role.get(node)
         if role == ACT:
             target = self.info[node].target
-            direct = [a for a in node.all_input_nodes if a in self.info]
+            direct = []
+            fx.node.map_arg(data_operands(node), lambda a: direct.append(a) if a in self.info else None)
             own = (node.op == "call_module" or _in(_key(node), _OWN_ACTIVATIONS))
             if own and direct == [target]:
                 return None

@@ -693,7 +693,7 @@ def _batch_norm_step(plan, node, index, add, bn, label, src, eps, stabilizer):
 def _linear_op_step(plan, node, index, add, ref, rule, eps, stabilizer):
     steps = plan.steps
     deps = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: deps.append(index[a]))
+    fx.node.map_arg(op_rules.data_operands(node), lambda a: deps.append(index[a]))
     computed = list(dict.fromkeys(d for d in deps if steps[d].tensor_output and not isinstance(steps[d], N.ConstStep)))
     culprit = f"node {node.name!r} ({_target_name(node)}){where(node)}"
     if any(isinstance(steps[d], N.SplitStep) for d in computed):

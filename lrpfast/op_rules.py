@@ -39,6 +39,19 @@ from .ops import RelevanceError
 
 COPY, LINEAR, BILINEAR = "copy", "linear", "bilinear"
 
+# Methods whose other tensor gives only a dtype, device or shape (x.type_as(y), x.to(y),
+# x.view_as(y), x.reshape_as(y), x.expand_as(y)): y's data never reaches the output, so y is no
+# operand of the relevance pass. Counting it made (h.to(float64)).type_as(h) a function of two
+# tensors, which the derived rules then took for an activation (a silently wrong map).
+SHAPE_SOURCE_METHODS = frozenset({"type_as", "to", "view_as", "reshape_as", "expand_as"})
+
+
+def data_operands(node):
+    """The part of an fx node's (args, kwargs) whose tensors' data reach its output."""
+    if node.op == "call_method" and node.target in SHAPE_SOURCE_METHODS and node.args:
+        return node.args[:1]
+    return (node.args, node.kwargs)
+
 
 class OpRule(NamedTuple):
     kind: str                                   # COPY or LINEAR (module docstring)

@@ -82,6 +82,7 @@ _NL_EW = {"exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "square", "erf", "
           "clamp_min", "clamp_max", "__rtruediv__", "__rdiv__", "__rpow__"} | _ACTIVATIONS
 _PASS = _ACTIVATIONS | {"clamp", "clip", "clamp_min", "clamp_max"}   # activations on any input
 _RED_LIN = {"mean", "sum"}
+_SHAPE_SOURCES = {"type_as", "to", "view_as", "reshape_as", "expand_as"}
 _RED_NL = {"var", "std", "norm", "amax", "amin", "logsumexp"}
 
 
@@ -254,7 +255,8 @@ class _DetachRules(TorchFunctionMode):
         inplace = (name.endswith("_") and not name.endswith("__")) or name in ("__imul__", "__iadd__", "__isub__",
                                                                                 "__itruediv__", "__ipow__") \
             or bool(kwargs.get("inplace", False))
-        xs = _tensors((args, kwargs))
+        # x.type_as(y), x.to(y), x.view_as(y), ...: y gives a dtype or shape only, not data
+        xs = _tensors(args[:1] if name in _SHAPE_SOURCES else (args, kwargs))
         if xs and (name not in _MATMULS):
             twin = _out_of_place(func, name) if inplace else func
             if twin is not None:
