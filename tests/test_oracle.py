@@ -344,3 +344,17 @@ def test_the_other_tensor_of_type_as_gives_no_data(how):
     tol = 1e-6 if how == "float_type_as" else 1e-12
     assert rel_l2(gradient_oracle(m, x, t), want) < tol
     assert rel_l2(lrpfast.LRP(m, eps=0.0).explain(x, t).relevance, want) < tol
+
+
+def test_activation_of_exact_zeros_keeps_its_value_in_the_oracle():
+    """Regression (random net 584 of the full sweep): a bias-free strided conv with zero padding
+    gives exact zeros at the border, and sigmoid(0) = 0.5. The oracle's activation form
+    x · (f(x)/x).detach() set those values to 0, so the oracle explained another model (rel L2 0.73).
+    The relevance there is dropped either way (the conv's z is 0, from padding only)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(3, 2, 1, stride=2, padding=1, bias=False), nn.Sigmoid(), nn.Flatten(),
+                          nn.LayerNorm(2 * 25), nn.Linear(2 * 25, 4)).to(F64).eval()   # (a norm: values matter)
+    x = torch.randn(3, 3, 7, 7, dtype=F64)
+    with torch.no_grad():
+        assert (model[0](x) == 0).sum().item() == 3 * 2 * 16
+    check_against_oracle(model, x)
