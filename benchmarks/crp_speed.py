@@ -15,10 +15,11 @@ Run in the CRP environment (benchmarks/crp_env.sh), on a quiet machine:
     .venv-crp/bin/python benchmarks/crp_speed.py --size 112 --repeats 1 --batches 1   # a quick look
 
 Each row: the median wall time of --repeats interleaved rounds (implementations alternate within a
-round, so machine noise hits all alike), after one warm-up call each. The results also go to
---out (JSON). The conditions: {"y": the predicted class, <--layer>: [channel]} for 32 channels
-(the layer's most relevant ones for the first image: the usual CRP question). Before timing, the
-script checks that the one call equals the separate calls and zennit-crp's heatmaps.
+round, so machine noise hits all alike), after one small warm-up call each (the first image, two
+conditions). The results, with every round's wall and CPU times, also go to --out (JSON). The
+conditions: {"y": the predicted class, <--layer>: [channel]} for 32 channels (the layer's most
+relevant ones for the first image: the usual CRP question). The first timed round's heatmaps are
+checked: the separate calls and zennit-crp against the one call (relative L2, printed and saved).
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def main():
     ap.add_argument("--skip-zennit-crp", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "crp_speed.json"))
     args = ap.parse_args()
+    command = " ".join(["python", "benchmarks/crp_speed.py", *sys.argv[1:]])
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,40 +98,55 @@ def main():
         # gets it per image), the same channels for every image
         conds = [{args.layer: [c]} for c in top]
         per_image = [[{"y": [int(pred[i])], args.layer: [c]} for c in top] for i in range(batch)]
-        ours = lambda: attr(x, conds).heatmap  # noqa: E731
-        impls = {"lrpfast": ours}
+        impls = {"lrpfast": lambda x, conds, per_image: attr(x, conds).heatmap}
         if not args.skip_separate:
-            impls["separate"] = lambda: torch.cat([attr(x, [c]).heatmap for c in conds], 1)  # noqa: E731
+            impls["separate"] = lambda x, conds, per_image: torch.cat([attr(x, [c]).heatmap for c in conds], 1)
         if zcrp is not None:
-            impls["zennit-crp"] = lambda: zcrp(x, per_image, args.crp_batch)
-        # correctness first: every implementation's heatmaps against the one call's
-        ref = ours()
-        check = {}
-        for name, fn in impls.items():
-            if name != "lrpfast":
-                check[name] = rel_l2(fn(), ref)
-                print(f"batch {batch}: {name} vs lrpfast heatmaps: relative L2 {check[name]:.2e}", flush=True)
+            impls["zennit-crp"] = lambda x, conds, per_image: zcrp(x, per_image, args.crp_batch)
+        for fn in impls.values():   # warm-up: first-call allocations, per-shape plans, zennit's hooks
+            fn(x[:1], conds[:2], [per_image[0][:2]])
         times = {n: [] for n in impls}
-        for _ in range(args.repeats):
+        cpu = {n: [] for n in impls}
+        check = {}
+        for r in range(args.repeats):
+            ref = None
             for name, fn in impls.items():
-                t0 = time.perf_counter()
-                fn()
+                t0, c0 = time.perf_counter(), time.process_time()
+                heat = fn(x, conds, per_image)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+                if r == 0:   # the first round's maps, against the one call's
+                    if name == "lrpfast":
+                        ref = heat
+                    else:
+                        check[name] = rel_l2(heat, ref)
+                        print(f"batch {batch}: {name} vs lrpfast heatmaps: relative L2 {check[name]:.2e}", flush=True)
+                heat = None
+            print(f"batch {batch}, round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}s" for n, v in times.items()),
+                  flush=True)
         med = {n: statistics.median(v) for n, v in times.items()}
         row = {"batch": batch, "size": args.size, "conditions": len(top), "layer": args.layer,
-               "seconds": med, "all_seconds": times, "agreement_rel_l2": check}
+               "crp_batch": args.crp_batch, "repeats": args.repeats, "statistic": "median of interleaved rounds",
+               "seconds": med, "all_seconds": times, "cpu_seconds": cpu, "agreement_rel_l2": check}
         if "separate" in med:
             row["lrpfast_over_separate"] = med["lrpfast"] / med["separate"]
+            row["round_lrpfast_over_separate"] = [a / b for a, b in zip(times["lrpfast"], times["separate"])]
         if "zennit-crp" in med:
             row["zennit_crp_over_lrpfast"] = med["zennit-crp"] / med["lrpfast"]
+            row["round_zennit_crp_over_lrpfast"] = [a / b for a, b in zip(times["zennit-crp"], times["lrpfast"])]
         rows.append(row)
         print(f"batch {batch}, {len(top)} conditions at {args.layer}, {args.size}x{args.size}: "
               + ", ".join(f"{n} {t:.2f}s" for n, t in med.items())
               + (f"; lrpfast/separate {row['lrpfast_over_separate']:.3f} (target <= 0.4)" if "separate" in med else "")
               + (f"; zennit-crp/lrpfast {row['zennit_crp_over_lrpfast']:.1f}x (target >= 5)" if "zennit-crp" in med
                  else ""), flush=True)
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "lrpfast_build": lrpfast.build_info(),
-           "rows": rows}
+    out = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "lrpfast_build": lrpfast.build_info(), "rows": rows}
+    try:
+        from importlib.metadata import version
+        out["zennit"], out["zennit_crp"] = version("zennit"), version("zennit-crp")
+    except Exception:  # noqa: BLE001 - not installed: the zennit-crp column is skipped anyway
+        pass
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1, default=str)
