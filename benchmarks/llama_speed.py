@@ -349,7 +349,8 @@ def profile_lrpfast(batch, seq, vocab, top=25, calls=5):
           f"{rel * 1e3:.1f} + outside the steps {(total - fwd - rel) * 1e3:.1f}")
     # the rotary embedding: q*cos + cat(-q2, q1)*sin on (B, heads, L, head_dim) tensors (SDPA keeps
     # attention-score tensors inside its own step, so every other 4-D elementwise step is RoPE)
-    rope_kinds = {"MulStep", "AddStep", "IndexStep", "CatStep", "LinearOpStep", "DerivedStep", "PassStep"}
+    rope_kinds = {"MulStep", "AddStep", "IndexStep", "CatStep", "LinearOpStep", "DerivedStep", "PassStep",
+                  "RotaryStep"}   # (RotaryStep: the whole embedding as one step, lrpfast/fusion.py)
     rope = {k: v for k, v in per.items() if k[1] in rope_kinds and len(shapes.get(k[2], ())) == 4}
     rf = sum(v for k, v in rope.items() if k[0] == "forward")
     rr = sum(v for k, v in rope.items() if k[0] == "relprop")
