@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import canonize
 from . import layers as rel_layers
 from . import nodes as N
-from . import derived, fusion, merged_repeat, op_rules, shape_trace, stacking
+from . import derived, fusion, merged_repeat, op_rules, recurrent, shape_trace, stacking
 from . import transformer as T
 # Activations (LRP's pass rule) are a table of their own, shared with torch_transformers.py.
 from .activations import (ACTIVATIONS as _ACTIVATIONS, FUNCTIONAL_ACTIVATIONS as _FUNCTIONAL_ACTIVATIONS,
@@ -71,7 +71,8 @@ SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d (also F.linear/F.conv*d wi
              "factors by the uniform rule), torchvision's stochastic depth (eval), torch.cat, torch.chunk/split (pieces "
              "taken one by one), mean over non-batch dims, "
              "view/reshape/flatten/squeeze/unsqueeze/permute/transpose/contiguous, "
-             "LayerNorm (module, F.layer_norm), MultiheadAttention (module; output [0]), "
+             "LayerNorm (module, F.layer_norm), MultiheadAttention (module; output [0]), LSTM/GRU (gated recurrent LRP; "
+             "output and h_n/c_n), "
              "F.scaled_dot_product_attention, nn.TransformerEncoder(Layer)/TransformerDecoder(Layer) (their slow "
              "path, traced through), basic indexing x[:, ...] (ints, slices, None, ...), "
              "parameters and tensors computed from them only (expand, ...; constants: no relevance), torch._assert; "
@@ -81,7 +82,8 @@ SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d (also F.linear/F.conv*d wi
              "F.normalize (σ constant), nn.Upsample/Softmax/padding modules")
 
 _LEAVES = (nn.Linear, *_CONV, *canonize.BATCH_NORMS, *_MAXPOOL, *_AVGPOOL, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX, *_DROPOUT,
-           *_ACTIVATIONS, nn.Flatten, nn.Unflatten, nn.LayerNorm, nn.MultiheadAttention, rel_layers._RelLayer)
+           *_ACTIVATIONS, nn.Flatten, nn.Unflatten, nn.LayerNorm, nn.MultiheadAttention, *recurrent.RECURRENT,
+           rel_layers._RelLayer)
 
 
 class _Tracer(fx.Tracer):
@@ -457,6 +459,11 @@ def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
     if isinstance(m, nn.MultiheadAttention):
         return _attention_step(plan, node, m, index, add, eps, stabilizer)
     src = first_node_arg(node)
+    if isinstance(m, recurrent.RECURRENT):
+        if len(node.args) + len(node.kwargs) != 1 or not isinstance(src, fx.Node):
+            raise RelevanceError(f"LRP: node {node.name!r} calls {type(m).__name__} with an initial state: only the "
+                                 "default zero state is supported (its relevance would have nowhere to go)")
+        return add(recurrent.RecurrentStep(node.name, m, eps, stabilizer), node, src)
     if len([a for a in node.args if isinstance(a, fx.Node)]) + len(node.kwargs) != 1:
         raise RelevanceError(f"LRP: node {node.name!r} calls {type(m).__name__} with more than one argument")
     if isinstance(m, nn.Linear) or isinstance(m, _CONV):
@@ -935,6 +942,19 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
             step.src = producer.src   # relevance goes straight to the split tensor
             step.deps = list(dict.fromkeys(step.deps + [producer.src]))   # x stays alive until here
             return step
+        if (isinstance(producer, recurrent.RecurrentStep)
+                or isinstance(producer, recurrent.RecurrentStateStep) and producer.which == "hc"):
+            # (output, (h_n, c_n)) of an LSTM, (output, h_n) of a GRU
+            if not (isinstance(item, int) and -2 <= item <= 1):
+                raise RelevanceError(f"LRP: node {name!r} indexes the output pair of {producer.describe()} with "
+                                     f"{item!r}; take one part at a time (0 or 1)")
+            item %= 2
+            if isinstance(producer, recurrent.RecurrentStep):
+                if item == 0:
+                    return add(N.GetItemStep(name, 0), node, node.args[0])   # the output sequence
+                return add(recurrent.RecurrentStateStep(name, producer.index, "hc" if producer.lstm else "h", 1),
+                           node, node.args[0])
+            return add(recurrent.RecurrentStateStep(name, producer.producer, "hc"[item], item), node, node.args[0])
         if isinstance(producer, (N.MaxPoolStep, T.MultiheadAttentionStep)) and isinstance(item, int):
             if isinstance(producer, N.MaxPoolStep) and not producer.returns_indices:
                 raise RelevanceError(f"LRP: node {name!r} indexes the output of max pooling {producer.name!r} "

@@ -313,6 +313,8 @@ class _DetachRules(TorchFunctionMode):
             return self._sdpa(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             return self._mha(*args, **kwargs)
+        if name in ("lstm", "gru") and len(args) == 9 and _computed(args[0]):
+            return _recurrent(name, *args)
         return func(*args, **kwargs)
 
     # ------------------------------------------------------------------------- attention
@@ -397,6 +399,52 @@ class _DetachRules(TorchFunctionMode):
         if not batched:
             out = out.squeeze(1)
         return out, weights
+
+
+def _recurrent(name, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    """torch.lstm / torch.gru written out, time step by time step, with the gates held constant
+    and tanh as a constant diagonal map (Arras et al. 2017: a gate passes no relevance)."""
+    lstm = name == "lstm"
+    if train and dropout and num_layers > 1:
+        raise ValueError("gradient_oracle: a recurrent layer with dropout in training mode")
+    per = 4 if has_biases else 2
+    dirs = 2 if bidirectional else 1
+    seq = x.transpose(0, 1) if batch_first else x          # (T, B, F)
+    h0 = hx[0] if lstm else hx
+    c0 = hx[1] if lstm else None
+    finals_h, finals_c = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            j = layer * dirs + d
+            w_ih, w_hh = params[j * per], params[j * per + 1]
+            b_ih, b_hh = (params[j * per + 2], params[j * per + 3]) if has_biases else (0, 0)
+            h, c = h0[j], (c0[j] if lstm else None)
+            order = range(seq.shape[0] - 1, -1, -1) if d else range(seq.shape[0])
+            hs = [None] * seq.shape[0]
+            for t in order:
+                gi = seq[t] @ w_ih.t() + b_ih
+                gh = h @ w_hh.t() + b_hh
+                if lstm:
+                    pi, pf, pg, po = (gi + gh).chunk(4, -1)
+                    g = _ratio_form(pg, torch.tanh(pg))
+                    c = torch.sigmoid(pf).detach() * c + torch.sigmoid(pi).detach() * g
+                    h = torch.sigmoid(po).detach() * _ratio_form(c, torch.tanh(c))
+                else:
+                    ir, iz, i_n = gi.chunk(3, -1)
+                    hr, hz, h_n = gh.chunk(3, -1)
+                    r, z = torch.sigmoid(ir + hr).detach(), torch.sigmoid(iz + hz).detach()
+                    a = i_n + r * h_n
+                    h = (1 - z) * _ratio_form(a, torch.tanh(a)) + z * h
+                hs[t] = h
+            outs.append(torch.stack(hs))
+            finals_h.append(h)
+            finals_c.append(c)
+        seq = torch.cat(outs, -1)
+    out = seq.transpose(0, 1) if batch_first else seq
+    if lstm:
+        return out, torch.stack(finals_h), torch.stack(finals_c)
+    return out, torch.stack(finals_h)
 
 
 def _out_of_place_name(name: str) -> str:
