@@ -381,9 +381,10 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
         elif node.op in ("call_module", "call_function", "call_method") and plan.derived.needs_step(node):
             _derived_step(plan, gm, node, ref, add)
         elif node.op == "call_module":
-            if const_only(node) and any(isinstance(steps[d], N.ConstStep) for d in tensor_deps((node.args, node.kwargs))):
+            if (const_only(node) and tensor_deps((node.args, node.kwargs))) or meta_only(node):
                 # a layer applied to constants (CP-LRP's attention weights through a talking-heads
-                # conv): its output is a constant too, with no relevance
+                # conv) or to tensors computed from shapes alone (xcit's Fourier position encoding,
+                # a conv of torch.arange(H)): its output is a constant too, with no relevance
                 mod = gm.get_submodule(node.target)
                 add(N.ConstExprStep(node.name, lambda *a, mod=mod, **k: mod(*a, **k), ref(node.args), ref(node.kwargs),
                                     _load, f"{type(mod).__name__} of constants"), node)
@@ -929,6 +930,11 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         return add(step, node, b["input"])
 
     # ---- tuple outputs and indexing
+    if not is_method and t is getattr and node.args[1] in ("values", "indices") and isinstance(node.args[0], fx.Node) \
+            and isinstance(steps[index[node.args[0]]], op_rules.LinearOpStep) and steps[index[node.args[0]]].rule.values:
+        step = N.GetItemStep(name, 0 if node.args[1] == "values" else 1)   # x.max(dim).values / .indices
+        step.tensor_output = node.args[1] == "values"
+        return add(step, node, node.args[0])
     if not is_method and t is operator.getitem and isinstance(node.args[0], fx.Node):
         producer = steps[index[node.args[0]]]
         item = node.args[1]
@@ -955,6 +961,10 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
                 return add(recurrent.RecurrentStateStep(name, producer.index, "hc" if producer.lstm else "h", 1),
                            node, node.args[0])
             return add(recurrent.RecurrentStateStep(name, producer.producer, "hc"[item], item), node, node.args[0])
+        if isinstance(producer, op_rules.LinearOpStep) and producer.rule.values and item in (0, 1):
+            step = N.GetItemStep(name, item)   # x.max(dim): (values, indices); the indices carry no relevance
+            step.tensor_output = item == 0
+            return add(step, node, node.args[0])
         if isinstance(producer, (N.MaxPoolStep, T.MultiheadAttentionStep)) and isinstance(item, int):
             if isinstance(producer, N.MaxPoolStep) and not producer.returns_indices:
                 raise RelevanceError(f"LRP: node {name!r} indexes the output of max pooling {producer.name!r} "

@@ -62,6 +62,8 @@ class OpRule(NamedTuple):
     check: Optional[Callable] = None            # (args, kwargs, xs, computed) -> why it is refused, or None
     linearized: Optional[Callable] = None       # the function whose Jacobian the rule takes, where it is not
                                                 # the op's own (a norm with its σ held constant)
+    values: bool = False                        # the op returns (values, indices) (x.max(dim)): the values
+                                                # are the output the rule is about, the indices carry none
 
 
 def _dims(v, ndim):
@@ -259,6 +261,44 @@ METHODS.update({
     "amax": OpRule(LINEAR, _reduce_dims, sign_preserving=True),
     "amin": OpRule(LINEAR, _reduce_dims, sign_preserving=True),
 })
+
+
+# ---- x.max(dim) / torch.min(x, dim): (values, indices). The values are amax's, and the winner takes
+# the relevance as in max pooling: the LINEAR rule through the values' own autograd (its Jacobian
+# the indicator of the index max returns, ties included). The indices (graph.py: item 1) carry none.
+# addcmul(c, a, b) = c + value·a·b with at most one of a, b computed: linear in the computed
+# tensors (GlobalResponseNorm's bias + γ·(x·n), ResMLP's Affine); a constant c absorbs its share.
+
+
+def _max_check(args, kwargs, xs, computed):
+    d = _arg(args, kwargs, 1, "dim")
+    if isinstance(d, torch.Tensor):
+        return "takes the elementwise max/min of two tensors, which has no relevance rule (a max over a dim has)"
+    if d is None:
+        return "reduces over all dims, the batch included (give a dim)"
+    return None
+
+
+def _max_values(*args, **kwargs):
+    return torch.max(*args, **kwargs)[0]
+
+
+def _min_values(*args, **kwargs):
+    return torch.min(*args, **kwargs)[0]
+
+
+def _addcmul_check(args, kwargs, xs, computed):
+    if computed(_arg(args, kwargs, 1, "tensor1")) and computed(_arg(args, kwargs, 2, "tensor2")):
+        return "multiplies two tensors computed from the input (only one factor may be computed)"
+    return None
+
+
+_MAX = OpRule(LINEAR, _sum_dims, sign_preserving=True, check=_max_check, linearized=_max_values, values=True)
+_MIN = OpRule(LINEAR, _sum_dims, sign_preserving=True, check=_max_check, linearized=_min_values, values=True)
+_ADDCMUL = OpRule(LINEAR, _none, check=_addcmul_check)
+FUNCTIONS.update({torch.max: _MAX, torch.min: _MIN, torch.addcmul: _ADDCMUL})
+METHODS.update({"max": _MAX, "min": _MIN, "addcmul": _ADDCMUL})
+
 # x[:, [0, 2, 1]] / x[:, :, idx]: constant indices on non-batch dims copy elements (graph.py's getitem)
 ADVANCED_INDEX = OpRule(COPY, _none, sign_preserving=True, check=_index_check)
 
@@ -385,7 +425,9 @@ class LinearOpStep(_EpsilonStep):
     def forward(self, env, call):
         args, kwargs = self.load(env, self.args, self.kwargs)
         args = (*args, *self.extra)
-        z = self.fn(*args, **kwargs)
+        z = out = self.fn(*args, **kwargs)
+        if self.rule.values and isinstance(z, tuple):
+            z = z[0]   # (values, indices): the values carry the relevance (graph.py's getitem takes them)
         # computed inputs that carry relevance: floating tensors (a bool mask computed from the
         # input selects, it carries none)
         xs = [env[i] for i in self.inputs]
@@ -409,7 +451,7 @@ class LinearOpStep(_EpsilonStep):
         if self.rule.kind != COPY and xs and z.dtype != xs[0].dtype:
             raise RelevanceError(f"LRP: {self.describe()} changes the dtype ({xs[0].dtype} -> {z.dtype})")
         call.saved[self.index] = (args, kwargs, xs, z, carries)
-        return z
+        return out
 
     def denominator(self, call):
         if self.rule.kind == COPY:

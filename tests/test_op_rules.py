@@ -431,6 +431,7 @@ _CT = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
 _CT1 = nn.ConvTranspose1d(4, 2, 2, stride=2)
 _UF = nn.Unfold(2, stride=2)
 _IDX = torch.tensor([2, 0, 1, 1])
+_AC = torch.randn(2, 4, 1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 TABLE = {
     "Tensor.unfold": (lambda y: y.unfold(2, 3, 1).sum(-1).unfold(3, 2, 2).mean(-1), ()),
     "F.unfold": (lambda y: F.unfold(y, 3, padding=1), ()),
@@ -444,6 +445,11 @@ TABLE = {
     "index_list": (lambda y: y[:, [3, 0, 1, 1]] + y[:, :, [0, 2, 1, 5, 4, 3]], ()),
     "index_tensor": (lambda y: y[:, _IDX], ()),
     "clamp_of_a_mean": (lambda y: y - torch.clamp(y.mean(1, keepdim=True), -0.1, 0.2), ()),
+    # (values, indices): [0], .values; the indices a constant of the graph
+    "max_min_values": (lambda y: y.max(1, keepdim=True)[0] + torch.min(y, dim=-1).values.unsqueeze(-1)
+                       - torch.max(y, 2, True).values + y.max(1)[1].unsqueeze(1).to(y.dtype), ()),
+    # addcmul(c, a, b) = c + value·a·b, one factor computed (GlobalResponseNorm, ResMLP's Affine)
+    "addcmul": (lambda y: torch.addcmul(_AC[0], _AC[1], y) + y.addcmul(_AC[1], y, value=-0.5), ()),
 }
 
 
@@ -476,7 +482,33 @@ def test_amax_gives_the_winner_all_relevance():
     assert rel_l2(r, want.reshape(5, 4)) < 1e-13
 
 
+def test_max_over_a_dim_gives_the_winner_all_relevance():
+    # x.max(dim)[0] as amax: the index max returns takes the output's relevance, the others 0
+    model = Flat(lambda x: x.reshape(-1, 2, 2).max(-1)[0], n=2).to(F64).eval()
+    x = torch.randn(5, 4, dtype=F64)
+    t = torch.tensor([0, 1, 2, 0, 1])
+    r = lrpfast.LRP(model, eps=0.0)(x, t)
+    y, i = x.reshape(-1, 2, 2).max(-1)
+    want = torch.zeros(5, 2, 2, dtype=F64).scatter(2, i[..., None], (y * model.head.weight[t])[..., None])
+    assert rel_l2(r, want.reshape(5, 4)) < 1e-13
+
+
+def test_addcmul_is_the_epsilon_rule_of_its_affine_map():
+    # z = c + w·y (c, w constants): R_y = w·y / z · R_z, c keeps the rest (a bias)
+    c, w = torch.rand(4, dtype=F64) + 0.5, torch.randn(4, dtype=F64)
+    model = Flat(lambda x: torch.addcmul(c, w, x), n=4).to(F64).eval()
+    x = torch.randn(5, 4, dtype=F64)
+    t = torch.tensor([0, 1, 2, 0, 1])
+    r = lrpfast.LRP(model, eps=0.0)(x, t)
+    z = c + w * x
+    assert rel_l2(r, w * x / z * z * model.head.weight[t]) < 1e-13
+
+
 @pytest.mark.parametrize("f,match", [
+    (lambda y: torch.max(y, y.flip(-1)), "elementwise max/min of two tensors"),
+    (lambda y: y + y.max(), "reduces over all dims"),
+    (lambda y: y.max(0)[0].expand_as(y), "batch dimension"),
+    (lambda y: torch.addcmul(y, y, y), "multiplies two tensors computed"),
     (lambda y: y.repeat_interleave(2)[: y.numel()].reshape(y.shape), "batch dimension"),
     (lambda y: y.unfold(0, 1, 1).squeeze(-1), "batch dimension"),
     (lambda y: y.amax((0, 1), keepdim=True).expand_as(y), "batch dimension"),
@@ -486,6 +518,44 @@ def test_table_entries_across_the_batch_are_refused(f, match):
     model = Wrap(f).to(F64).eval()
     with pytest.raises(RelevanceError, match=match):
         lrpfast.LRP(model)(torch.randn(2, 3, 6, 6, dtype=F64))
+
+
+# ----------------------------------------------------------------------------- a layer applied to a
+# tensor computed from the input's shape alone (xcit's Fourier position encoding: a conv of
+# torch.arange(H), .repeat(B, 1, 1, 1) to the batch): a constant of the graph, like a bias
+
+
+class ShapeEncoding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.proj, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(2, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        ys = torch.arange(1, H + 1, device=x.device).to(torch.float32).unsqueeze(1).repeat(1, 1, W)
+        xs = torch.arange(1, W + 1, device=x.device).to(torch.float32).repeat(1, H, 1)
+        pos = torch.stack([ys.sin(), xs.cos()], 1).to(x.dtype)               # (1, 2, H, W)
+        pos = self.proj(pos).repeat(B, 1, 1, 1)                                # (B, 4, H, W)
+        return self.head(torch.relu(self.conv(x) + pos).mean((2, 3)))
+
+
+def test_layer_of_a_shape_only_tensor_is_a_constant():
+    torch.manual_seed(0)
+    model = ShapeEncoding().to(F64).eval()
+    t = torch.tensor([0, 2])
+    lrp = lrpfast.LRP(model, eps=0.0)
+    for x in (torch.randn(2, 3, 5, 6, dtype=F64), torch.randn(2, 3, 4, 4, dtype=F64)):   # two shapes
+        e = lrp.explain(x, t)
+        assert rel_l2(e.logits, model(x)) < 1e-14
+        assert rel_l2(e.relevance, gradient_oracle(model, x, t)) < 1e-12
+    # the constant absorbs its share like a bias: the same map as with pos a parameter
+    x = torch.randn(2, 3, 5, 6, dtype=F64)
+    pos = model.proj(torch.stack([torch.arange(1, 6.).unsqueeze(1).repeat(1, 6).sin(),
+                                  torch.arange(1, 7.).repeat(5, 1).cos()]).to(F64)[None])
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(F64)
+    conv.load_state_dict(model.conv.state_dict())
+    fixed = Fn(lambda x, c, h: h(torch.relu(c(x) + pos.detach()).mean((2, 3))), conv, model.head).eval()
+    assert rel_l2(lrp(x, t), lrpfast.LRP(fixed, eps=0.0)(x, t)) < 1e-13
 
 
 # ----------------------------------------------------------------------------- efficientvit (MIT)'s
