@@ -206,8 +206,8 @@ def test_unsupported_op_names_the_node(f, match):
 
 
 def test_unsupported_module_names_it():
-    with pytest.raises(RelevanceError, match=r"node '_1' calls module '1' \(LSTM\)"):
-        lrpfast.LRP(nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)).eval())
+    with pytest.raises(RelevanceError, match=r"node '_1' calls module '1' \(RNN\)"):
+        lrpfast.LRP(nn.Sequential(nn.Linear(4, 4), nn.RNN(4, 4)).eval())
 
 
 # ----------------------------------------------------------------------------- op geometry
