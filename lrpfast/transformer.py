@@ -99,6 +99,13 @@ def _messages(parts):
     return out
 
 
+def _sum_to(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """c (K*B, ...) summed over the dims where x (B, ...) has size 1 and was broadcast (the head dim
+    of a multi-query key/value): each broadcast copy's relevance goes back to the one it copies."""
+    dims = [d for d in range(1, x.dim()) if x.shape[d] == 1 and c.shape[d] != 1]
+    return c.sum(dims, keepdim=True) if dims else c
+
+
 def attend_back(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Aᵀ s for attention weights a (B, *heads, L, S) and K maps per sample s (K*B, *heads, L, D):
     (K*B, *heads, S, D). The K maps of a sample share its A: they ride in the last dim of one
@@ -359,10 +366,11 @@ class ScaledDotProductAttentionStep(Step):
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         attn = torch.softmax(scores, -1)
         scores = None
-        if attn.shape[:-2] != v.shape[:-2]:
-            raise RelevanceError(f"LRP: {self.describe()}: value of shape {tuple(v.shape)} is broadcast against the "
-                                 f"attention weights {tuple(attn.shape)}; give value the query's batch and head dims "
-                                 "(enable_gqa and broadcasting have no relevance rule)")
+        if attn.shape[0] != v.shape[0] or any(n != m and n != 1 for n, m in zip(v.shape[1:-2], attn.shape[1:-2])):
+            raise RelevanceError(f"LRP: {self.describe()}: value of shape {tuple(v.shape)} does not fit the "
+                                 f"attention weights {tuple(attn.shape)}")
+        # a head dim of 1 in q, k or v broadcasts within each sample (multi-query attention: one key and
+        # value head for all query heads); relprop sums the heads' relevance back (_sum_to)
         if attn.dim() == 4 and v.dim() == 4 and not torch.compiler.is_compiling():   # (dynamo: no strided out=)
             # (B, heads, L, D) laid out as (B, L, heads, D): the heads' merge that follows
             # (o.transpose(1, 2).contiguous().reshape(B, L, -1)) is then a view, not a copy
@@ -391,17 +399,18 @@ class ScaledDotProductAttentionStep(Step):
         v, attn, o, qk = call.saved[self.index]
         s = msg.a if msg.kind == DIVIDED else divide(msg, o, self.eps, self.stabilizer)
         if qk is not None and s.dim() == 4 and s.shape == o.shape and attn.is_contiguous() \
+                and qk[0].shape[:-2] == qk[1].shape[:-2] == v.shape[:-2] == attn.shape[:-2] \
                 and not torch.compiler.is_compiling():
             return self._relprop_4d(s, v, attn, *qk)
-        c = attend_back(attn, s)
+        c = _sum_to(attend_back(attn, s), v)
         if qk is None:
             return [(self.value_src, Msg(LAZY, c, v, True))]
         q, k, scale = qk
         c.mul_(0.5)                                                        # AttnLRP (module docstring)
         g = softmax_rule(attn, shared_matmul(s, v.transpose(-1, -2)))     # (K*B, ..., L, S)
         g.mul_(0.25 * scale)                # ½ of A V's relevance to A, ½ of that to each of Q, K
-        cq = shared_matmul(g, k)
-        ck = shared_matmul(g.transpose(-1, -2), q)
+        cq = _sum_to(shared_matmul(g, k), q)
+        ck = _sum_to(shared_matmul(g.transpose(-1, -2), q), k)
         return _messages([(self.value_src, c, v), (self.query_src, cq, q), (self.key_src, ck, k)])
 
     def _relprop_4d(self, s, v, attn, q, k, scale):

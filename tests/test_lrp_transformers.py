@@ -868,3 +868,45 @@ def test_vit_b_16_float32_matches_the_float64_oracle(vit_b_16):
     finally:
         vit_b_16.float()
     assert rel_l2(got, want) < 1e-3
+
+
+# ============================================================================= multi-query attention:
+# key and value with one head, broadcast in SDPA against 4 query heads (timm's MobileNetV5
+# MultiQueryAttention2d); or one query head against 4 key/value heads
+
+
+class MultiQuery(nn.Module):
+    def __init__(self, kv_heads=1, q_heads=4, expand=False):
+        super().__init__()
+        self.kv_heads, self.q_heads, self.expand = kv_heads, q_heads, expand
+        self.q, self.k, self.v = nn.Linear(6, 4 * q_heads), nn.Linear(6, 4 * kv_heads), nn.Linear(6, 4 * kv_heads)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q = self.q(x).reshape(B, L, self.q_heads, 4).transpose(1, 2)
+        k = self.k(x).reshape(B, L, self.kv_heads, 4).transpose(1, 2)
+        v = self.v(x).reshape(B, L, self.kv_heads, 4).transpose(1, 2)
+        if self.expand:   # the broadcast written out: expand's transpose sums the heads' relevance
+            q, k, v = (t.expand(-1, 4, -1, -1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.head(o.transpose(1, 2).reshape(B, L, -1).mean(1))
+
+
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+@pytest.mark.parametrize("heads", [(1, 4), (4, 1)])
+def test_sdpa_broadcast_heads_equal_the_oracle_and_the_expanded_model(attention, heads):
+    from lrpfast.oracle import gradient_oracle
+    torch.manual_seed(0)
+    model = MultiQuery(*heads).double().eval()
+    expanded = MultiQuery(*heads, expand=True).double().eval()
+    expanded.load_state_dict(model.state_dict())
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    t = torch.tensor([0, 2, 1])
+    lrp = lrpfast.LRP(model, eps=0.0, attention=attention)
+    e = lrp.explain(x, t)
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert rel_l2(e.relevance, gradient_oracle(model, x, t, attention=attention)) < 1e-12
+    assert rel_l2(e.relevance, lrpfast.LRP(expanded, eps=0.0, attention=attention)(x, t)) < 1e-12
+    both = lrp(x, torch.tensor([[0, 2], [1, 1], [2, 0]]))     # K = 2 maps per sample in one pass
+    assert rel_l2(both[:, 1], lrp(x, torch.tensor([2, 1, 0]))) < 1e-13
