@@ -505,6 +505,11 @@ def _module_step(plan, gm, node, index, add, eps, stabilizer, first_node_arg):
                 step.zero_at_zero = zero
             step.nonnegative_output = nonneg
             return add(step, node, src)
+    if isinstance(m, nn.LayerNorm) and all(n == 1 for n in m.normalized_shape):
+        # over one element x − mean(x) = 0: the output is the bias (or 0) whatever x is, a constant of
+        # the graph (csatv2's 1-channel attention, whose q, k, v come from it and meet across the batch)
+        return add(N.ConstExprStep(node.name, lambda *a, m=m: m(*a), ref_args(node, index), {}, _load,
+                                   f"{type(m).__name__} over one element (its bias: a constant)"), node)
     if isinstance(m, nn.LayerNorm):
         affine = lambda env, m=m: (None if m.weight is None else m.weight.detach(),  # noqa: E731
                                    None if m.bias is None else m.bias.detach())
@@ -904,6 +909,9 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         wb = (_constant_tensor(plan, node, index, "weight", b["weight"]),
               _constant_tensor(plan, node, index, "bias", b["bias"]))
+        if all(n == 1 for n in shape):   # over one element: its bias, a constant (as nn.LayerNorm above)
+            return add(N.ConstExprStep(name, t, ref(node.args), ref(node.kwargs), _load,
+                                       f"{what} over one element (its bias: a constant)"), node)
         affine = lambda env, wb=wb: tuple(env[v.i] if isinstance(v, _Ref) else v for v in wb)  # noqa: E731
         step = T.LayerNormStep(name, shape, _constant(node, "eps", b["eps"]), affine, eps, stabilizer, what)
         return add(step, node, b["input"])

@@ -910,3 +910,45 @@ def test_sdpa_broadcast_heads_equal_the_oracle_and_the_expanded_model(attention,
     assert rel_l2(e.relevance, lrpfast.LRP(expanded, eps=0.0, attention=attention)(x, t)) < 1e-12
     both = lrp(x, torch.tensor([[0, 2], [1, 1], [2, 0]]))     # K = 2 maps per sample in one pass
     assert rel_l2(both[:, 1], lrp(x, torch.tensor([2, 1, 0]))) < 1e-13
+
+
+# ============================================================================= LayerNorm over one
+# element: x − mean(x) = 0, the output is the bias whatever x is (timm's csatv2 normalises 1-channel
+# tokens, and the q, k, v computed from them meet across the batch: (B, N) @ (N, B)). A constant.
+
+
+class OneElementNorm(nn.Module):
+    def __init__(self, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.inp, self.norm, self.qkv, self.head = nn.Linear(6, 5), nn.LayerNorm(1), nn.Linear(1, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.inp(x)                                                    # (B, 5)
+        t = h.unsqueeze(-1)                                                # (B, 5, 1)
+        t = F.layer_norm(t, (1,), self.norm.weight, self.norm.bias) if self.functional else self.norm(t)
+        q, k, v = self.qkv(t).unbind(-1)                                   # (B, 5) each
+        a = (q @ k.transpose(-1, -2)).softmax(-1)                          # (B, B): across the batch
+        return self.head(torch.relu(h + a @ v))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_layer_norm_over_one_element_is_a_constant(functional):
+    from lrpfast.oracle import gradient_oracle
+    torch.manual_seed(0)
+    model = OneElementNorm(functional).double().eval()
+    nn.init.normal_(model.norm.bias)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    t = torch.tensor([0, 2, 1])
+    e = lrpfast.LRP(model, eps=0.0).explain(x, t)
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert rel_l2(e.relevance, gradient_oracle(model, x, t)) < 1e-12
+    # the closed form: z = h + c with c = a @ v a constant (a bias; the norm's output is its bias),
+    # then relu (relevance passes) and the head: R_x = Σ_j x W_j · R_z_j / z_j
+    with torch.no_grad():
+        h = model.inp(x)
+        q, k, v = model.qkv(model.norm.bias.expand(3, 5, 1)).unbind(-1)
+        z = h + (q @ k.T).softmax(-1) @ v
+        r_z = torch.relu(z) * model.head.weight[t]
+        want = (x.unsqueeze(1) * model.inp.weight) * (r_z / z).unsqueeze(-1)
+    assert rel_l2(e.relevance, want.sum(1)) < 1e-12
