@@ -405,7 +405,8 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
                 raise RelevanceError("LRP: the model must return one tensor of logits (B, classes); it returns "
                                      f"{type(out).__name__}")
             plan.output = index[out]
-            if out.target in (F.softmax, torch.softmax, "softmax") or isinstance(steps[plan.output], N.ConstStep):
+            if out.target in (F.softmax, torch.softmax, "softmax") or (isinstance(steps[plan.output], N.ConstStep)
+                                                                       and not _reads_input(plan, plan.output)):
                 raise RelevanceError(f"LRP: the model returns {out.name!r} ({_target_name(out)}), "
                                      + ("a softmax: LRP explains the logits before it; return those"
                                         if out.target in (F.softmax, torch.softmax, "softmax") else
@@ -416,6 +417,21 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
     fusion.cache_constants(plan)
     _finish(plan, rule_for)
     return plan
+
+
+def _reads_input(plan, i) -> bool:
+    """Step i is computed from the input's values (not its shape alone). A constant that is (a
+    LayerNorm over one element, CP's held weights) is an exact function that does not change with
+    x: its map is 0, as gradient × input says, not a tracing accident to refuse."""
+    seen, todo = set(), [i]
+    while todo:
+        j = todo.pop()
+        if j == plan.input:
+            return True
+        if j not in seen and plan.steps[j].tensor_output:
+            seen.add(j)
+            todo.extend(plan.steps[j].deps)
+    return False
 
 
 def _derived_step(plan, gm, node, ref, add):

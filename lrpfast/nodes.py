@@ -227,6 +227,9 @@ class ConstStep(Step):
         v = self.value
         return v.detach() if isinstance(v, torch.Tensor) else v
 
+    def relprop(self, msg, call):
+        return []   # a constant absorbs what reaches it (the output itself: a model constant in x, map 0)
+
 
 class ConstExprStep(ConstStep):
     """A tensor computed from constants only (a class token expanded to the batch, a mask built

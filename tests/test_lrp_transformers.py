@@ -952,3 +952,32 @@ def test_layer_norm_over_one_element_is_a_constant(functional):
         r_z = torch.relu(z) * model.head.weight[t]
         want = (x.unsqueeze(1) * model.inp.weight) * (r_z / z).unsqueeze(-1)
     assert rel_l2(e.relevance, want.sum(1)) < 1e-12
+
+
+class ConstantOutput(nn.Module):
+    """Logits computed from x through a LayerNorm over one element: the same for every x."""
+
+    def __init__(self, buffer=False):
+        super().__init__()
+        self.buffer = buffer
+        self.norm, self.head = nn.LayerNorm(1), nn.Linear(4, 3)
+        self.register_buffer("table", torch.randn(1, 4))
+
+    def forward(self, x):
+        if self.buffer:   # no path from x at all: a tracing accident, refused
+            return self.head(self.table.expand(x.shape[0], -1))
+        return self.head(self.norm(x.unsqueeze(-1)).squeeze(-1))
+
+
+def test_logits_constant_in_x_get_a_zero_map_and_a_buffer_is_refused():
+    from lrpfast.oracle import gradient_oracle
+    torch.manual_seed(0)
+    model = ConstantOutput().double().eval()
+    nn.init.normal_(model.norm.bias)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    e = lrpfast.LRP(model, eps=0.0).explain(x, torch.tensor([0, 2, 1]))
+    assert rel_l2(e.logits, model(x)) < 1e-14
+    assert e.relevance.shape == x.shape and e.relevance.abs().max() == 0
+    assert gradient_oracle(model, x, torch.tensor([0, 2, 1])).abs().max() == 0
+    with pytest.raises(RelevanceError, match="a constant \\(it does not depend on the input\\)"):
+        lrpfast.LRP(ConstantOutput(buffer=True).double().eval())(x)
