@@ -30,7 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .nodes import DENSE as DENSE_KIND, DIVIDED, LAZY, Msg, Step, _EpsilonStep, _times_per_sample, divide
+from .nodes import (DENSE as DENSE_KIND, DIVIDED, LAZY, LATER, Msg, RematEnv, Step, _EpsilonStep, _times_per_sample,
+                    divide, take)
 from .derived import FWD as FWD_ROLE
 from .ops import RelevanceError
 
@@ -239,6 +240,20 @@ class _RegionStep(_EpsilonStep):
     def zero_preserving(self, plan):
         return True
 
+    def _z(self, call):
+        """z for the relevance step: kept, or recomputed (Step.remat; `take` drops it from call.remat)."""
+        z = call.saved[self.index][1]
+        if z is LATER:
+            return call.dens[self.index][0] if self.index in call.dens else take(call, self.index)
+        return z
+
+    def denominator(self, call):
+        return self._z(call), self.eps, self.stabilizer
+
+    def output_of(self, call):
+        z = call.saved[self.index][1]
+        return None if z is LATER else z
+
 
 def _mult(c: torch.Tensor, f, b: int) -> torch.Tensor:
     """c (K*B rows) times a factor f broadcast over the K maps of a sample when it is per sample."""
@@ -265,23 +280,34 @@ class RotaryStep(_RegionStep):
         x = env[self.src]
         cos, sin = self.cos_sin(env)
         h = self.half
-        if isinstance(x, torch.Tensor) and x.shape[-1] == 2 * h and isinstance(cos, torch.Tensor) \
-                and isinstance(sin, torch.Tensor) and self._direct(x, cos, sin):
-            # the region's own arithmetic, in three passes: x*cos, then -x2*sin and +x1*sin added
-            z = torch.mul(x, cos, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-            z[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
-            z[..., h:].addcmul_(x[..., :h], sin[..., h:])
-        else:
-            z = self._replay(env)[0]
+        direct = isinstance(x, torch.Tensor) and x.shape[-1] == 2 * h and isinstance(cos, torch.Tensor) \
+            and isinstance(sin, torch.Tensor) and self._direct(x, cos, sin)
+        z = self._rotate(x, cos, sin) if direct else self._replay(env)[0]
         if not isinstance(z, torch.Tensor) or z.shape != x.shape or x.shape[-1] != 2 * h:
             raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
                                  f"{tuple(getattr(z, 'shape', ()))}: a rotary embedding must keep x's shape")
-        call.saved[self.index] = (x, z, cos, sin)
+        if direct and self.remat and not call.bdim:
+            call.remat[self.index] = None   # z recomputed from x in the relevance pass (nodes: `value`)
+            call.saved[self.index] = (x, LATER, cos, sin)
+        else:
+            call.saved[self.index] = (x, z, cos, sin)
         return z
 
+    def _rotate(self, x, cos, sin):
+        """the region's own arithmetic, in three passes: x*cos, then -x2*sin and +x1*sin added"""
+        h = self.half
+        z = torch.mul(x, cos, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        z[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        z[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        return z
+
+    def recompute(self, call):
+        x, _, cos, sin = call.saved[self.index]
+        return self._rotate(x, cos, sin)
+
     def relprop(self, msg, call):
-        x, z, cos, sin = call.saved[self.index]
-        s = msg.a if msg.kind == DIVIDED else divide(msg, z, self.eps, self.stabilizer)
+        x, _, cos, sin = call.saved[self.index]
+        s = msg.a if msg.kind == DIVIDED else divide(msg, self._z(call), self.eps, self.stabilizer)
         b, h = x.shape[0], self.half
         if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and self._direct(x, cos, sin) \
                 and (s.shape[0] == b or cos.shape[0] == 1 or cos.dim() < s.dim()):
@@ -312,11 +338,39 @@ class ScaleChainStep(_RegionStep):
         if not isinstance(z, torch.Tensor) or z.dim() != x.dim() or z.shape[0] != x.shape[0]:
             raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
                                  f"{tuple(getattr(z, 'shape', ()))}: only broadcasting within a sample is supported")
-        call.saved[self.index] = (x, z, self.factors(env, kept))
+        if self.remat and not call.bdim and not torch.compiler.is_compiling():
+            call.remat[self.index] = None   # z replayed from x in the relevance pass (nodes: `value`)
+            call.saved[self.index] = (x, LATER, self.factors(env, kept), kept)
+        else:
+            call.saved[self.index] = (x, z, self.factors(env, kept))
+        return z
+
+    _tail = None
+
+    def recompute(self, call):
+        """The region's nodes again from x and the kept normaliser: only those the output needs
+        once the kept slots are given (an RMSNorm: x * r, the casts, * weight; not mean(x²))."""
+        tail = self._tail
+        if tail is None:
+            live, tail = {None}, []
+            for entry in reversed(self.program):
+                if entry[0] in live and entry[0] not in self.keep:
+                    tail.append(entry)
+                    fx.node.map_aggregate((entry[2], entry[3]), lambda a: live.add(a.i) if hasattr(a, "i") else None)
+            tail = self._tail = tail[::-1]
+        x, _, _, kept = call.saved[self.index]
+        env = RematEnv(call, kept)
+        env[self.src] = x
+        for slot, fn, args, kwargs in tail:
+            a, k = self.load(env, args, kwargs)
+            z = fn(*a, **k)
+            if slot is not None:
+                env[slot] = z
         return z
 
     def relprop(self, msg, call):
-        x, z, factors = call.saved[self.index]
+        x, _, factors = call.saved[self.index][:3]
+        z = self._z(call)
         s = msg.a if msg.kind == DIVIDED else divide(msg, z, self.eps, self.stabilizer)
         if z.shape == x.shape and z.dtype == x.dtype:
             # a diagonal map: x ⊙ Jᵀs = x ⊙ (Π factors) ⊙ s = z ⊙ s, no product to take
@@ -494,6 +548,70 @@ def relax(plan) -> None:
             s.identity = True
 
 
+def rematerialize(plan) -> None:
+    """After graph._finish: the steps whose output the forward need not keep for the relevance
+    pass (Step.remat; lrpfast/nodes.py, "recomputed outputs"): a product of computed factors
+    (SwiGLU's silu(g) * u: Linear outputs, elementwise activations of them), an RMSNorm-like chain
+    (ScaleChainStep) of a kept x and constants, the rotary embedding of a kept x; each read only by
+    Linears (which keep LATER for their x) or as query/key by AttnLRP attention steps that accept it.
+    Recomputing costs a few elementwise passes in the relevance pass; the forward keeps one
+    layer-width tensor fewer per such step (SwiGLU: one of the MLP's width)."""
+    from . import nodes as N
+    from .transformer import ScaledDotProductAttentionStep as SDPA
+
+    steps = plan.steps
+    consts = lambda s, allowed: all(d in allowed or type(steps[d]) is N.ConstStep for d in s.deps)  # noqa: E731
+
+    def kept(j):            # a Linear's output: its relevance step keeps z
+        return isinstance(steps[j], N.ContractionStep) and steps[j].kind == "linear"
+
+    def cheap(j):           # kept, or an elementwise activation of a kept tensor
+        s = steps[j]
+        if kept(j):
+            return True
+        return (type(s) is N.PassStep and not s.identity and not s.is_relu and not s.inplace and s.src is not None
+                and kept(s.src) and consts(s, {s.src}))
+
+    def readers_take_later(i, p, found):
+        """Every reader of step i (p's output, through identity steps) keeps LATER: into found."""
+        us = [steps[u] for u in steps[i].users]
+        if not us or i == plan.output:
+            return False
+        for u in us:
+            if isinstance(u, N.ContractionStep) and u.kind == "linear" and u.src == i and u.load_wb is None \
+                    and u.deps == [i] and i == p:
+                found.append((u, None))
+            elif isinstance(u, SDPA) and getattr(SDPA, "takes_later", False) and u.attention == "attnlrp" \
+                    and i in (u.query_src, u.key_src) and i != u.value_src and u.query_src != u.key_src:
+                found.append((u, 0 if i == u.query_src else 1))
+            elif type(u) is N.PassStep and u.identity and u.src == i and u.deps == [i] \
+                    and readers_take_later(u.index, p, found):
+                continue
+            else:
+                return False
+        return True
+
+    for s in steps:
+        i = s.index
+        if isinstance(s, N.MulStep):
+            ok = all(f is None or cheap(f) for f in s.factors) and consts(s, set(f for f in s.factors if f is not None))
+        elif isinstance(s, (ScaleChainStep, RotaryStep)):
+            ok = s.src is not None and (isinstance(s, RotaryStep) or consts(s, {s.src}))
+        else:
+            continue
+        found = []
+        if not (ok and readers_take_later(i, i, found)):
+            continue
+        s.remat = True
+        for u, which in found:
+            if which is None:
+                u.remat_x = True
+            else:
+                qk = list(u.remat_qk)
+                qk[which] = i
+                u.remat_qk = tuple(qk)
+
+
 # ============================================================================= constants computed once
 
 
@@ -516,6 +634,17 @@ def cache_constants(plan) -> None:
             s.__class__ = _CachedConstExprStep
             s.sources = [(d, type(steps[d]) is N.ConstStep) for d in s.deps]
             s.cached = None
+    # A cached constant read only by other cached constants (the steps building a mask, the
+    # rotary tables before their last slice) keeps its key, not its value: while its readers' keys
+    # match, nobody needs it; a reader that must recompute gets it recomputed (_Thunk).
+    users = [[] for _ in steps]
+    for s in steps:
+        for d in s.deps:
+            users[d].append(s)
+    for s in steps:
+        if isinstance(s, _CachedConstExprStep):
+            s.drop = bool(users[s.index]) and s.index != plan.output \
+                and all(isinstance(u, _CachedConstExprStep) for u in users[s.index])
 
 
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
@@ -524,9 +653,25 @@ _FAKE = torch._C._TorchDispatchModeKey.FAKE
 def _cached_const_expr_step():
     from .nodes import ConstExprStep, ConstStep
 
+    class _Thunk:
+        """A dropped cached constant (`drop`): its function and loaded arguments, for a reader
+        that has to recompute."""
+
+        __slots__ = ("fn", "args", "kwargs")
+
+        def __init__(self, fn, args, kwargs):
+            self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def force(a):
+        f = lambda v: force(v) if isinstance(v, _Thunk) else v  # noqa: E731
+        if isinstance(a, _Thunk):
+            return a.fn(*fx.node.map_aggregate(a.args, f), **fx.node.map_aggregate(a.kwargs, f))
+        return fx.node.map_aggregate(a, f)
+
     class _CachedConstExprStep(ConstExprStep):
         sources: list = []
         cached = None
+        drop = False   # read by cached constants only: keeps its key, not its value (cache_constants)
 
         def forward(self, env, call):
             if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE) is not None:
@@ -537,17 +682,20 @@ def _cached_const_expr_step():
                 if const:
                     v = steps[d].value
                     key.append((id(v), getattr(v, "_version", None)))
+                elif getattr(steps[d], "drop", False) and steps[d].cached is not None:
+                    key.append(("key", steps[d].cached[0]))   # a dropped one: its own key
                 else:   # a cached constant (its object: the same while cached) or shape arithmetic
                     key.append(env[d] if not isinstance(env[d], torch.Tensor) else id(env[d]))
             key = tuple(key)
             hit = self.cached
+            args, kwargs = self.load(env, self.args, self.kwargs)
             try:
                 if hit is not None and hit[0] == key:
-                    return hit[1]
+                    return _Thunk(self.fn, args, kwargs) if self.drop else hit[1]
             except Exception:  # noqa: BLE001 (an unhashable/uncomparable shape value: compute)
                 pass
-            value = super().forward(env, call)
-            self.cached = (key, value)
+            value = self.fn(*force(args), **force(kwargs))
+            self.cached = (key, None if self.drop else value)
             return value
 
     return _CachedConstExprStep

@@ -416,6 +416,7 @@ def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str
     fusion.relax(plan)
     fusion.cache_constants(plan)
     _finish(plan, rule_for)
+    fusion.rematerialize(plan)
     return plan
 
 

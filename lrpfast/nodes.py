@@ -126,13 +126,16 @@ def relevance_sum(msg: Msg, b: int, k: int) -> torch.Tensor:
 class Call:
     """The state of one call: what each step saved in its forward, denominators asked for."""
 
-    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits", "bdim", "batch", "pending")
+    __slots__ = ("saved", "dens", "fuse_pools", "steps", "logits", "bdim", "batch", "pending", "remat")
 
     def __init__(self, steps, fuse_pools: bool, batch: Optional[int] = None):
         self.steps = steps
         self.batch = batch   # B, the input's rows (a merged batch has B*m: lrpfast/merged_batch.py)
         self.saved = [None] * len(steps)
         self.dens = {}
+        # step index -> its output recomputed in the relevance pass (None: not yet), for the steps
+        # that keep no output for it (Step.remat: `value`)
+        self.remat = {}
         self.fuse_pools = fuse_pools
         self.logits = None
         self.bdim = {}   # step index -> the batch dim of its output, where it is not 0
@@ -147,6 +150,60 @@ class Call:
         if index not in self.dens:
             self.dens[index] = self.steps[index].denominator(self)
         return self.dens[index]
+
+
+# ============================================================================= recomputed outputs
+#
+# A step whose output is a cheap elementwise function of tensors the relevance pass keeps anyway
+# (SwiGLU's silu(g) * u of the kept projections g and u, the RMSNorm of a kept residual sum, the
+# rotary embedding of a kept query) need not keep that output: with `remat` set (by
+# fusion.rematerialize, for steps read only by readers that accept it) its forward records its
+# index in call.remat instead, its readers (a Linear's x, attention's query and key) keep LATER,
+# and the first relevance step that needs the tensor recomputes it (`value`) by the step's own
+# forward arithmetic, bit for bit; the producer's own relevance step takes it from call.remat and
+# drops it. The forward keeps one tensor fewer per such step until the relevance pass reaches it.
+
+LATER = object()   # in a step's saved state: the input's value, recomputed when needed (`value`)
+
+
+def value(call: "Call", i: int):
+    """Step i's forward output during the relevance pass: kept, or recomputed once and held in
+    call.remat until step i's own relevance step takes it."""
+    if i in call.remat:
+        t = call.remat[i]
+        if t is None:
+            t = call.remat[i] = call.steps[i].recompute(call)
+        return t
+    out = call.steps[i].output_of(call)
+    # else an intermediate of a recomputation (the activation inside SwiGLU's product), not held
+    return out if out is not None else call.steps[i].recompute(call)
+
+
+def take(call: "Call", i: int):
+    """Step i's recomputed output for its own relevance step (the last use): dropped from call.remat."""
+    t = call.remat.pop(i, None)
+    return call.steps[i].recompute(call) if t is None else t
+
+
+class RematEnv:
+    """env for replaying a step's forward in the relevance pass: kept or recomputed outputs of
+    its inputs, the values of plain constants, and the replay's own inner slots."""
+
+    __slots__ = ("call", "local")
+
+    def __init__(self, call, local=None):
+        self.call, self.local = call, dict(local or {})
+
+    def __getitem__(self, j):
+        if j in self.local:
+            return self.local[j]
+        st = self.call.steps[j]
+        if type(st) is ConstStep:
+            return st.forward(None, self.call)
+        return value(self.call, j)
+
+    def __setitem__(self, j, v):
+        self.local[j] = v
 
 
 # ============================================================================= base
@@ -205,6 +262,12 @@ class Step:
     def zero_preserving(self, plan) -> bool:
         """The relevance this step sends to its inputs is 0 wherever an input is 0."""
         return False
+
+    remat = False   # keeps no output for the relevance pass: recomputes it (`value`, module above)
+
+    def recompute(self, call: Call):
+        """This step's forward output again, from what the relevance pass still holds."""
+        raise RelevanceError(f"LRP internal error: {self.describe()} cannot recompute its output")
 
 
 class InputStep(Step):
@@ -356,17 +419,27 @@ class ContractionStep(Step):
                                      f"outputs, got {tuple(z.shape)}")
         else:
             z = self.conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-        call.saved[self.index] = self.context(call.batch_first(self.src, x), call.batch_first(self.src, z), w, b)
+        later = self.remat_x and self.src in call.remat and not call.bdim   # x recomputed (module doc)
+        call.saved[self.index] = self.context(LATER if later else call.batch_first(self.src, x),
+                                              call.batch_first(self.src, z), w, b)
         return z
 
+    remat_x = False   # x may be recomputed in the relevance pass (fusion.rematerialize)
+
+    def _ctx(self, call):
+        ctx = call.saved[self.index]
+        if ctx.x is LATER:
+            ctx.x = value(call, self.src)
+        return ctx
+
     def denominator(self, call):
-        return self.rule.denominator(call.saved[self.index])
+        return self.rule.denominator(self._ctx(call))
 
     def output_of(self, call):
         return call.saved[self.index].z
 
     def relprop(self, msg, call):
-        ctx = call.saved[self.index]
+        ctx = self._ctx(call)
         rule = self.rule
         out = None
         if msg.kind == DIVIDED:
@@ -659,17 +732,42 @@ class MulStep(_EpsilonStep):
                                      "sample (e.g. (B, C, 1, 1) gates) is supported")
         if all(t.shape == z.shape and t.dtype == z.dtype for i, t in zip(self.factors, values) if i is not None):
             # no computed factor broadcast: R_i = z ⊙ s / n for each (relprop), the factors not needed
-            call.saved[self.index] = (None, z, None)
+            if self.remat and not call.bdim and not torch.compiler.is_compiling():
+                call.remat[self.index] = None   # z recomputed from the factors (module doc: `value`)
+                call.saved[self.index] = (None, LATER, None)
+            else:
+                call.saved[self.index] = (None, z, None)
             return z
         operands = list(args[:2]) + ([kwargs["other"]] if len(args) < 2 else [])
         const = [a for a, i in zip(operands, self.factors) if i is None]   # numbers, parameters
         call.saved[self.index] = (values, z, const)
         return z
 
+    def recompute(self, call):
+        args, kwargs = self.load(RematEnv(call), self.args, self.kwargs)
+        return self.fn(*args, **kwargs)
+
+    def denominator(self, call):
+        z = call.saved[self.index][1]
+        return (take(call, self.index) if z is LATER else z), self.eps, self.stabilizer
+
+    def output_of(self, call):
+        z = call.saved[self.index][1]
+        return None if z is LATER else z
+
     def relprop(self, msg, call):
         values, z, const = call.saved[self.index]
         s = self._s(msg, call)                      # R / stab(z): K*B rows
+        later = z is LATER
+        if later:   # recomputed by `denominator`, unless a step above divided already
+            z = call.dens[self.index][0] if self.index in call.dens else take(call, self.index)
         if values is None:
+            n = sum(i is not None for i in self.factors)
+            if later and n > 1 and msg.kind != DIVIDED and s.shape == z.shape and not torch.compiler.is_compiling():
+                # the recomputed z is dropped here: each factor's (1/n) z ⊙ s is formed once, in s's
+                # buffer (our division's), one dense message for all (not z kept till the last reads it)
+                s = s.mul_(1.0 / n).mul_(z)
+                return [(i, Msg(DENSE, s, None, False)) for i in self.factors if i is not None]
             # Each computed factor t of z = Π factors gets (1/n) t ⊙ (Π others) ⊙ s = (1/n) z ⊙ s:
             # one message (s/n, z) for all of them, read by each recipient's own division
             computed = [i for i in self.factors if i is not None]
@@ -803,6 +901,11 @@ class PassStep(Step):
 
     def relprop(self, msg, call):
         return [(self.src, msg)]
+
+    def recompute(self, call):
+        """(an elementwise activation not run in place: fusion.rematerialize checks)"""
+        args, kwargs = self.load(RematEnv(call), self.args, self.kwargs)
+        return self.fn(*args, **kwargs)
 
     def zero_preserving(self, plan):
         return (self.identity or self.zero_at_zero) and plan.users_zero_preserving(self.index)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .nodes import DIVIDED, LAZY, Msg, Step, _EpsilonStep, divide, per_sample
+from .nodes import DIVIDED, LATER, LAZY, Msg, Step, _EpsilonStep, divide, per_sample, value
 from .ops import RelevanceError
 
 
@@ -329,6 +329,9 @@ class ScaledDotProductAttentionStep(Step):
     fresh_output = True
     has_denominator = True
 
+    takes_later = True   # query/key may be LATER (recomputed: lrpfast/nodes.py, fusion.rematerialize)
+    remat_qk = (None, None)   # the steps whose outputs query and key are, where those recompute them
+
     def __init__(self, name, load, is_causal, scale, eps, stabilizer, attention="cp"):
         super().__init__(name)
         self.load, self.is_causal, self.scale = load, bool(is_causal), scale
@@ -344,7 +347,33 @@ class ScaledDotProductAttentionStep(Step):
             raise RelevanceError(f"LRP: {self.describe()} expects (B, ..., L, E) query, key and value, got "
                                  f"{[tuple(t.shape) for t in (q, k, v)]}")
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        mask = a["attn_mask"]
+        attn = self._weights(q, k, a["attn_mask"], scale)
+        if attn.shape[0] != v.shape[0] or any(n != m and n != 1 for n, m in zip(v.shape[1:-2], attn.shape[1:-2])):
+            raise RelevanceError(f"LRP: {self.describe()}: value of shape {tuple(v.shape)} does not fit the "
+                                 f"attention weights {tuple(attn.shape)}")
+        # a head dim of 1 in q, k or v broadcasts within each sample (multi-query attention: one key and
+        # value head for all query heads); relprop sums the heads' relevance back (_sum_to)
+        if attn.dim() == 4 and v.dim() == 4 and not torch.compiler.is_compiling():   # (dynamo: no strided out=)
+            # (B, heads, L, D) laid out as (B, L, heads, D): the heads' merge that follows
+            # (o.transpose(1, 2).contiguous().reshape(B, L, -1)) is then a view, not a copy
+            bsz, heads, lq, d = attn.shape[0], attn.shape[1], attn.shape[2], v.shape[-1]
+            o = torch.matmul(attn, v, out=attn.new_empty((bsz, lq, heads, d)).transpose(1, 2))
+        else:
+            o = torch.matmul(attn, v)
+        qk = None
+        if self.attention == "attnlrp":
+            # a query/key the relevance pass recomputes (a rotary embedding: fusion.rematerialize)
+            later = lambda t, i, j: LATER if i is not None and i in call.remat and t is env[j] and not call.bdim else t  # noqa: E731
+            qk = (later(q, self.remat_qk[0], self.query_src), later(k, self.remat_qk[1], self.key_src), scale,
+                  a["attn_mask"])
+            if not torch.compiler.is_compiling():
+                attn = LATER   # recomputed from q and k, which AttnLRP keeps anyway (one (B, heads, L, S) fewer)
+        call.saved[self.index] = (v, attn, o, qk)
+        return o
+
+    def _weights(self, q, k, mask, scale):
+        """A = softmax(scale · q kᵀ + mask), in the forward and again in AttnLRP's relevance step
+        (which recomputes A from the query and key it keeps rather than keep A)."""
         if not self.is_causal and isinstance(mask, torch.Tensor) and mask.is_floating_point() \
                 and mask.dtype == q.dtype and mask.dim() <= q.dim() and not torch.compiler.is_compiling():
             # scores = mask + scale * (q kᵀ): the scaling and the mask in one pass
@@ -364,23 +393,7 @@ class ScaledDotProductAttentionStep(Step):
         if mask is not None:
             # SDPA's convention: a bool mask is True where attention takes part
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        attn = torch.softmax(scores, -1)
-        scores = None
-        if attn.shape[0] != v.shape[0] or any(n != m and n != 1 for n, m in zip(v.shape[1:-2], attn.shape[1:-2])):
-            raise RelevanceError(f"LRP: {self.describe()}: value of shape {tuple(v.shape)} does not fit the "
-                                 f"attention weights {tuple(attn.shape)}")
-        # a head dim of 1 in q, k or v broadcasts within each sample (multi-query attention: one key and
-        # value head for all query heads); relprop sums the heads' relevance back (_sum_to)
-        if attn.dim() == 4 and v.dim() == 4 and not torch.compiler.is_compiling():   # (dynamo: no strided out=)
-            # (B, heads, L, D) laid out as (B, L, heads, D): the heads' merge that follows
-            # (o.transpose(1, 2).contiguous().reshape(B, L, -1)) is then a view, not a copy
-            bsz, heads, lq, d = attn.shape[0], attn.shape[1], attn.shape[2], v.shape[-1]
-            o = torch.matmul(attn, v, out=attn.new_empty((bsz, lq, heads, d)).transpose(1, 2))
-        else:
-            o = torch.matmul(attn, v)
-        qk = (q, k, scale) if self.attention == "attnlrp" else None
-        call.saved[self.index] = (v, attn, o, qk)
-        return o
+        return torch.softmax(scores, -1)
 
     def denominator(self, call):
         return call.saved[self.index][2], self.eps, self.stabilizer
@@ -389,14 +402,26 @@ class ScaledDotProductAttentionStep(Step):
         return call.saved[self.index][2]
 
     def saved_extra(self, call):
-        return (call.saved[self.index][1],)
+        attn = call.saved[self.index][1]
+        return () if attn is LATER else (attn,)
 
     def relprop_scratch(self, call):
-        _, attn, _, qk = call.saved[self.index]
-        return 0 if qk is None else 2 * attn.numel() * attn.element_size()
+        v, attn, o, qk = call.saved[self.index]
+        if qk is None:
+            return 0
+        if attn is LATER:   # recomputed A besides the two attention-sized temporaries
+            return 3 * (o.numel() // o.shape[-1]) * v.shape[-2] * o.element_size()
+        return 2 * attn.numel() * attn.element_size()
 
     def relprop(self, msg, call):
         v, attn, o, qk = call.saved[self.index]
+        if qk is not None:
+            q, k, scale, mask = qk
+            q = value(call, self.remat_qk[0]) if q is LATER else q
+            k = value(call, self.remat_qk[1]) if k is LATER else k
+            qk = (q, k, scale)
+            if attn is LATER:
+                attn = self._weights(q, k, mask, scale)
         s = msg.a if msg.kind == DIVIDED else divide(msg, o, self.eps, self.stabilizer)
         if qk is not None and s.dim() == 4 and s.shape == o.shape and attn.is_contiguous() \
                 and qk[0].shape[:-2] == qk[1].shape[:-2] == v.shape[:-2] == attn.shape[:-2] \

@@ -344,3 +344,36 @@ def test_rotary_norms_and_head_are_one_step_each(name):
     m2[0, -2:] = 0
     fresh = H.LRP(m, eps=0.0, attention="attnlrp")(ids, m2)
     assert torch.allclose(lrp(ids, m2).relevance, fresh.relevance, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_recomputed_outputs_equal_kept_ones(name, k, monkeypatch):
+    """lrpfast/nodes.py "recomputed outputs": SwiGLU/GeGLU's product, the RMSNorms read by Linears
+    and the rotary embeddings read by attention keep no output for the relevance pass, AttnLRP's
+    attention keeps no weights; the relevance pass recomputes them bit for bit: the same map as
+    with all of them kept (K = 1 and 2 maps per sample, eps > 0)."""
+    from lrpfast import fusion
+
+    m = model(name)
+    ids, mask = tokens()
+    target = torch.tensor([[3, 5]] * ids.shape[0]) if k == 2 else None
+
+    def run():
+        lrp = H.LRP(m, eps=1e-6, attention="attnlrp")
+        return lrp(ids, mask, target=target), lrp._explainers["inputs_embeds"][1].plan
+
+    e, plan = run()
+    recomputed = [type(s).__name__ for s in plan.steps if s.remat]
+    layers = m.config.num_hidden_layers
+    assert recomputed.count("MulStep") == layers                     # the gated MLP's product
+    # the query's rotary embedding (the key's is read by the grouped-query repeat: kept)
+    assert recomputed.count("RotaryStep") >= layers
+    # (Gemma's norms multiply by 1 + weight, a computed constant: kept)
+    assert recomputed.count("ScaleChainStep") >= (layers if name != "gemma" else 0)
+    with monkeypatch.context() as mp:
+        mp.setattr(fusion, "rematerialize", lambda plan: None)
+        before, plan0 = run()
+    assert not any(s.remat for s in plan0.steps)
+    assert torch.equal(e.relevance, before.relevance)
+    assert torch.equal(e.logits, before.logits)

@@ -375,3 +375,38 @@ def test_layer_outputs_are_freed_as_soon_as_their_step_has_run(factory):
 
     graph.relevance(lrp.plan, call, r0, record)
     assert alive_after and all(not alive for alive in alive_after.values()), alive_after
+
+
+class _ConstChain(nn.Module):
+    """A factor computed from a parameter and a buffer: exp(p) * 2 + b (three constant steps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+        self.p = nn.Parameter(torch.randn(4))
+        self.register_buffer("b", torch.zeros(4))
+
+    def forward(self, x):
+        return self.lin(x) * (self.p.exp() * 2 + self.b)
+
+
+def test_cached_constants_read_only_by_constants_are_recomputed_when_needed():
+    """lrpfast/fusion.py cache_constants: exp(p) and exp(p) * 2 keep no value between calls (only
+    the sum read by the product does); when b changes in place, the sum is recomputed from them
+    (recomputed too, p unchanged): the same map as a fresh LRP, not a stale one."""
+    from lrpfast import fusion
+
+    torch.manual_seed(0)
+    model = _ConstChain().double().eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    lrp = lrpfast.LRP(model, eps=0.0)
+    first = lrp(x)
+    plan = lrp._plan if lrp._plan is not None else next(iter(lrp._shape_plans.values()))
+    cached = [s for s in plan.steps if isinstance(s, fusion._CachedConstExprStep)]
+    assert sum(s.drop for s in cached) == 2 and all(s.cached[1] is None for s in cached if s.drop)
+    assert torch.equal(lrp(x), first)                          # all keys match: nothing recomputed
+    with torch.no_grad():
+        model.b.add_(0.5)
+    again = lrp(x)
+    fresh = lrpfast.LRP(model, eps=0.0)(x)
+    assert torch.allclose(again, fresh, rtol=1e-13, atol=1e-15) and not torch.allclose(again, first)
