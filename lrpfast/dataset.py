@@ -302,6 +302,34 @@ def _batch_rows(batch, rows: int) -> list:
     return [row(batch, i) for i in range(rows)]
 
 
+def _hash_rows_fast(h, batch, rows: int) -> bool:
+    """The bytes _hash_update would feed for each row of a batch that is a tensor or a list/tuple
+    of tensors (each (rows, ...), strided, real): one header per tensor and slices of its
+    contiguous bytes, without a tensor per row (about 15 us per sample in the loop). False, and
+    nothing fed, for any other batch."""
+    ts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    if rows < 1 or not ts or not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and t.dim() >= 1
+                                     and t.shape[0] == rows and not t.is_complex() and not t.is_quantized
+                                     for t in ts):
+        return False
+    parts = []
+    for t in ts:
+        t = t.detach().cpu().contiguous()
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        parts.append((f"T{t.dtype}{tuple(t.shape[1:])};".encode(), data, data.nbytes // rows))
+    listed = isinstance(batch, (list, tuple))
+    head = f"L{len(ts)}[".encode()
+    for i in range(rows):
+        if listed:
+            h.update(head)
+        for tag, data, step in parts:
+            h.update(tag)
+            h.update(data[i * step:(i + 1) * step])
+        if listed:
+            h.update(b"]")
+    return True
+
+
 class _ShardHasher:
     """sha256 over a shard's samples, fed batch by batch (rows in dataset order)."""
 
@@ -309,6 +337,8 @@ class _ShardHasher:
         self.h = hashlib.sha256()
 
     def update(self, batch, rows: int) -> None:
+        if _hash_rows_fast(self.h, batch, rows):
+            return
         for r in _batch_rows(batch, rows):
             _hash_update(self.h, r)
 

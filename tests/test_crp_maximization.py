@@ -419,3 +419,23 @@ def test_container_layers_are_named_as_in_cond_attribution(tmp_path):
     for k, v in idx.arrays("0.1").items():
         np.testing.assert_array_equal(idx.arrays("0")[k], v, err_msg=k)
     assert (idx.arrays("0")["activation_values"] >= 0).all()   # after the ReLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_stabilized_equals_the_where_form_bit_for_bit(dtype):
+    """layer_tap.stabilized (sign arithmetic instead of torch.where) against _fallback.stabilize:
+    the same bits for zeros of both signs, tiny and huge values, infinities, eps 0; NaN stays NaN."""
+    from lrpfast import _fallback
+    from lrpfast.crp.layer_tap import stabilized
+
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(4000, generator=g, dtype=torch.float64)
+         * torch.logspace(-12, 3, 4000, dtype=torch.float64)).to(dtype)
+    z[:7] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), -1e-7, 1e-7, float("nan")], dtype=torch.float64)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[z.element_size()]
+    for eps in (1e-6, 0.25, 0.0):
+        for st in ("sign", "plus"):
+            got, want = stabilized(z, eps, st), _fallback.stabilize(z, eps, st)
+            assert torch.equal(got[:6].view(bits), want[:6].view(bits)), (eps, st)
+            assert torch.equal(got[7:].view(bits), want[7:].view(bits)), (eps, st)
+            assert bool(got[6].isnan()) and bool(want[6].isnan())

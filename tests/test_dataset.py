@@ -336,3 +336,32 @@ def test_rank_device_policy(monkeypatch):
     assert _rank_device("cuda:0") == torch.device("cuda", 0)  # explicit index: the user's choice
     node(2, 0, 0)
     assert _rank_device(None) is None
+
+
+def test_shard_hash_fast_path_equals_the_per_sample_hash():
+    """_ShardHasher's batched path feeds the same bytes as hashing each row with _hash_update
+    (the digest in finished shards must not change): tensors, (x, y) with 0-d rows, bool,
+    non-contiguous, float64 and integer tensors; other batches take the per-row path."""
+    import hashlib
+
+    from lrpfast.dataset import _ShardHasher, _batch_rows, _hash_update
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 5, generator=g)
+    batches = [x, (x, torch.arange(6)), [x.transpose(2, 3), torch.rand(6, generator=g) > 0.5],
+               (x.double()[:, :1], torch.randint(0, 9, (6, 2), dtype=torch.int16, generator=g)),
+               x[:, :, ::2], (x, [f"s{i}" for i in range(6)]), {"a": x}]
+    for batch in batches:
+        slow = hashlib.sha256()
+        for r in _batch_rows(batch, 6):
+            _hash_update(slow, r)
+        fast = _ShardHasher()
+        fast.update(batch, 6)
+        assert fast.digest() == slow.hexdigest()[:16], type(batch)
+    # a changed byte changes the digest
+    a, b = _ShardHasher(), _ShardHasher()
+    a.update(x, 6)
+    y = x.clone()
+    y[5, 2, 3, 4] += 1
+    b.update(y, 6)
+    assert a.digest() != b.digest()

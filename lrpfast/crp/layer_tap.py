@@ -96,10 +96,23 @@ def _relevance(msg, call) -> torch.Tensor:
     if msg.kind != N.DIVIDED:
         return N.materialize(msg)
     z, eps, stabilizer = call.denominator(msg.x)
+    st = stabilized(z, eps, stabilizer)
+    if st.shape == msg.a.shape and st.dtype == msg.a.dtype:
+        return st.mul_(msg.a)
+    return msg.a * st   # K maps per sample of one sample (broadcast), or another dtype
+
+
+def stabilized(z: torch.Tensor, eps: float, stabilizer: str) -> torch.Tensor:
+    """stab(z), a new tensor, equal bit for bit to _fallback.stabilize: "plus" z + eps, "sign"
+    z + eps·sign(z) with sign(0) = sign(-0.0) = +1 (ops.stab_div). For float32/float64 without
+    torch.where, whose CPU kernel costs about 25 adds (2.8 ms against 0.11 ms at 800k floats):
+    sign(sign(z) + 0.5) is that sign (NaN stays NaN), times eps (exact), plus z, one rounding
+    like z ± eps. Other dtypes round eps first there, so they take torch.where."""
     if stabilizer == "plus":
-        return msg.a * (z + eps)
-    # stab(z) = z + eps·sign(z), sign(0) = +1 (ops.stab_div)
-    return msg.a * torch.where(z >= 0, z + eps, z - eps)
+        return z + eps
+    if z.dtype not in (torch.float32, torch.float64):
+        return torch.where(z >= 0, z + eps, z - eps)
+    return torch.sign(z).add_(0.5).sign_().mul_(eps).add_(z)
 
 
 def channel_view(t: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,14 @@ NAME = "relevance_maximization"
 _ID_LIMIT = 1 << 32
 
 
-def _order_key(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _order_key(values: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """One int64 per candidate, larger = better in the index's order: the float32 value's bits
-    made monotone (signed) in the high 32 bits, the complement of the id (< 2**32) in the low 32
-    bits, so equal values rank the smaller id first. -0.0 counts as 0.0."""
+    made monotone (signed) in the high 32 bits, the complement of the id (< 2**32), `low` =
+    2**32 - 1 - id, in the low 32 bits, so equal values rank the smaller id first. -0.0 counts as
+    0.0."""
     bits = (values.float() + 0.0).view(torch.int32).long()
     mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)   # negative floats: order reversed
-    return (mono << 32) | ((_ID_LIMIT - 1) - ids)
+    return (mono << 32) | low
 
 
 def select_top(values: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, n: int):
@@ -76,7 +77,7 @@ def select_top(values: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, n: in
     pos = pos.expand(c, -1) if pos.dim() == 1 else pos
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= _ID_LIMIT):
         raise RelevanceError(f"{NAME}: sample ids must lie in 0..2**32-1")
-    o = _order_key(values, ids).topk(min(n, m), dim=1, largest=True, sorted=True).indices
+    o = _order_key(values, (_ID_LIMIT - 1) - ids).topk(min(n, m), dim=1, largest=True, sorted=True).indices
     return values.gather(1, o), ids.gather(1, o), pos.gather(1, o)
 
 
@@ -88,20 +89,33 @@ def normalize_channels(values: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the task
 
 
+def _key_parts(key: torch.Tensor):
+    """(values float32, ids int64) back from _order_key's keys (-0.0 comes back as 0.0)."""
+    mono = key >> 32                                        # arithmetic: the signed high half
+    bits = torch.where(mono < 0, mono ^ 0x7FFFFFFF, mono)   # the same involution as _order_key
+    values = bits.to(torch.int32).view(torch.float32)
+    return values, (_ID_LIMIT - 1) - (key & (_ID_LIMIT - 1))
+
+
 class _Ranker:
     """The running top-N of each (layer, mode), updated in the tap's callbacks chunk by chunk (LRP
     may split a batch): the layer's map is reduced while it is at hand and nothing of it is kept.
-    The position of the largest entry is looked up only for the entries that enter the top-N (an
-    argmax over a few rows instead of a pass over the map)."""
+    The running state is select_top's int64 (value, id) key per entry (the value and the id are
+    decoded from it once per shard) and the entry's position: one top-k and one gather per
+    update. The position of the largest entry is looked up only for the entries that enter the
+    top-N (an argmax over a few rows instead of a pass over the map)."""
 
     def __init__(self, reductions: Dict[str, str], abs_norm: bool, n_top: int):
         self.reductions, self.abs_norm, self.n_top = reductions, abs_norm, n_top
         self.running: Dict[tuple, Optional[tuple]] = {}
         self.shapes: Dict[str, list] = {}   # layer -> its output's (C, *spatial)
-        self.ids, self.cursor = None, {}
+        self.ids, self.low, self.cursor = None, None, {}
 
     def start_batch(self, rows, device):
         self.ids = torch.as_tensor(rows, dtype=torch.long, device=device)
+        if self.ids.numel() and (int(self.ids.min()) < 0 or int(self.ids.max()) >= _ID_LIMIT):
+            raise RelevanceError(f"{NAME}: sample ids must lie in 0..2**32-1")
+        self.low = (_ID_LIMIT - 1) - self.ids   # the low half of each sample's keys
         self.cursor = {}
 
     def end_batch(self, layers):
@@ -125,29 +139,37 @@ class _Ranker:
         v = channel_view(t)
         key = (layer, mode)
         lo = self.cursor.get(key, 0)
-        ids = self.ids[lo:lo + len(v)]
-        self.cursor[key] = lo + len(v)
+        n = len(v)
+        self.cursor[key] = lo + n
         # amax/sum are vectorised reductions; max with indices is several times slower on CPU
         values = v.amax(dim=2) if self.reductions[mode] == "max" else v.sum(dim=2)
         if self.abs_norm:
             values = normalize_channels(values)
-        values = values.float().t()
-        c = values.shape[0]
-        pos = torch.full_like(values, -1, dtype=torch.long)
-        ids = ids.expand(c, -1)
+        keys = _order_key(values.t(), self.low[lo:lo + n])   # (C, n), ids the same per channel
         prev = self.running.get(key)
+        m0 = 0
         if prev is not None:
-            values, ids, pos = (torch.cat([a, b], 1) for a, b in zip(prev, (values, ids, pos)))
-        values, ids, pos = select_top(values, ids, pos, self.n_top)
-        new = pos < 0
-        if bool(new.any()):
-            ch, k = torch.nonzero(new, as_tuple=True)
-            pos[ch, k] = v[ids[ch, k] - ids.new_tensor(int(self.ids[lo])), ch].argmax(dim=-1)
-        self.running[key] = (values, ids, pos)
+            m0 = prev[0].shape[1]
+            keys = torch.cat([prev[0], keys], 1)
+        top, o = keys.topk(min(self.n_top, keys.shape[1]), dim=1, largest=True, sorted=True)
+        if prev is not None:
+            pos = prev[1].gather(1, o.clamp(max=m0 - 1))
+            new = o >= m0
+            if bool(new.any()):
+                ch, k = torch.nonzero(new, as_tuple=True)
+                pos[ch, k] = v[o[ch, k] - m0, ch].argmax(dim=-1)
+        else:   # every entry is new: one argmax per kept (channel, sample)
+            ch = torch.arange(o.shape[0], device=o.device).unsqueeze(1).expand_as(o)
+            pos = v[o, ch].argmax(dim=-1)
+        self.running[key] = (top, pos)
 
     def take(self):
-        """The shard's top-N per (layer, mode), on the CPU; the running state starts over."""
-        out = {key: tuple(a.cpu() for a in val) for key, val in self.running.items()}
+        """The shard's top-N per (layer, mode) as (values, ids, pos), on the CPU; the running
+        state starts over."""
+        out = {}
+        for key, (top, pos) in self.running.items():
+            values, ids = _key_parts(top)
+            out[key] = (values.cpu(), ids.cpu(), pos.cpu())
         self.running = {}
         return out
 

@@ -16,9 +16,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .. import _fallback
 from .. import nodes as N
 from ..ops import RelevanceError
+from .layer_tap import stabilized
 
 
 def propagate(plan, call, incoming: list, start: int, stop: Optional[int] = None,
@@ -74,7 +74,7 @@ def relevance_of(msg: N.Msg, call) -> torch.Tensor:
             raise RelevanceError("CRP internal error: a divided relevance without its denominator")
         zd, eps, stabilizer = den
         rows = msg.a.shape[0] // zd.shape[0]
-        st = _fallback.stabilize(zd, eps, stabilizer)
+        st = stabilized(zd, eps, stabilizer)
         return (msg.a.view(zd.shape[0], rows, *zd.shape[1:]) * st.unsqueeze(1)).view(msg.a.shape)
     return N.materialize(msg)
 
