@@ -688,12 +688,14 @@ def _cached_const_expr_step():
                     key.append(env[d] if not isinstance(env[d], torch.Tensor) else id(env[d]))
             key = tuple(key)
             hit = self.cached
-            args, kwargs = self.load(env, self.args, self.kwargs)
             try:
                 if hit is not None and hit[0] == key:
-                    return _Thunk(self.fn, args, kwargs) if self.drop else hit[1]
+                    if not self.drop:
+                        return hit[1]
+                    return _Thunk(self.fn, *self.load(env, self.args, self.kwargs))
             except Exception:  # noqa: BLE001 (an unhashable/uncomparable shape value: compute)
                 pass
+            args, kwargs = self.load(env, self.args, self.kwargs)
             value = self.fn(*force(args), **force(kwargs))
             self.cached = (key, None if self.drop else value)
             return value
