@@ -167,7 +167,7 @@ M: List[Mutation] = [
     Mutation("merged batch: check_rows", "a reshape mixing samples accepted", "lrpfast/merged_batch.py",
              "if batch is None or batch <= 0 or n_in % batch or n_out % batch:",
              "if batch is None or batch <= 0:", (WINDOWS,)),
-    Mutation("merged batch: relevance_sum", "only the first window of each sample summed", "lrpfast/nodes.py",
+    Mutation("merged batch: relevance_sum", "only the first window of each sample summed", "lrpfast/nodes/messages.py",
              "return s.view(b, n // b, k).sum(1)", "return s.view(b, n // b, k)[:, 0]", (WINDOWS,)),
     Mutation("merged batch: per_map", "layer maps (B, K, m, ...) read as (B, m, K, ...)", "lrpfast/merged_batch.py",
              "return a.reshape(b, m, k, *a.shape[1:]).transpose(1, 2)", "return a.reshape(b, k, m, *a.shape[1:])",

@@ -137,7 +137,7 @@ def _as_2d(t: torch.Tensor, dims: int) -> torch.Tensor:
 def avg_pool_contract(s, x, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
                       divisor_override: Optional[int]):
     """The input-gradient contraction of an AvgPool1d/2d/3d: each window's s spread over its
-    inputs (s may carry K rows per row of x). Shared with the whole-model pass (lrpfast/nodes.py)."""
+    inputs (s may carry K rows per row of x). Shared with the whole-model pass (lrpfast/nodes/)."""
     dims = x.dim() - 2
     like = _batched_like(x, s.shape[0])
     if dims == 3:

@@ -3,7 +3,7 @@ activation's x·(f(x)/x) held constant), as modules, functions and tensor method
 
 Value per entry: (f(0) == 0, f(x) >= 0 everywhere): the first decides whether zeros stay zeros
 (sparse relevance), the second whether a z+ / alpha-beta rule after it may trust x >= 0.
-Kept apart from graph.py so that torch_transformers.py (which graph.py imports) can read it.
+Kept apart from lrpfast/graph/ so that torch_transformers.py (which graph/trace.py imports) can read it.
 """
 import torch
 import torch.nn as nn

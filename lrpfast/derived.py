@@ -63,7 +63,7 @@ _NL_EW_FUNCTIONS = {torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.recipro
 _NL_EW_METHODS = {"exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "square", "tanh", "sigmoid", "erf", "sin",
                   "cos", "clamp", "clip", "clamp_min", "clamp_max", "relu"}
 _NL_EW_METHODS |= {m + "_" for m in _NL_EW_METHODS}
-# activations whose own rule (graph.py) is the pass rule to their direct input
+# activations whose own rule (lrpfast/graph/) is the pass rule to their direct input
 _OWN_ACTIVATIONS = {torch.tanh, torch.sigmoid, torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
                     F.hardsigmoid, F.hardtanh, F.elu, F.leaky_relu, F.softplus, F.selu, F.celu, F.tanh, F.sigmoid,
                     "tanh", "sigmoid", "relu", "tanh_", "sigmoid_", "relu_", torch.clamp, torch.clip, torch.clamp_min,
@@ -275,7 +275,7 @@ class Derivation:
 
     def needs_step(self, node: fx.Node) -> Optional[str]:
         """FWD or ACT where this module must build the node's step, else None (the op's own rule:
-        a plain activation on its direct input stays a graph.py activation step)."""
+        a plain activation on its direct input stays an activation step of lrpfast/graph/)."""
         role = self.role.get(node)
         if role == ACT:
             target = self.info[node].target

@@ -1,6 +1,6 @@
 """Regions of the traced graph that are one linear map of one tensor, explained as one step.
 
-graph.py gives every fx node a step of its own. Where a few nodes together are a linear map of
+lrpfast/graph/ gives every fx node a step of its own. Where a few nodes together are a linear map of
 one computed tensor x with constant operands, one ε step over the whole region,
 
     R_x = x ⊙ Jᵀ(R / stab(z)),      z the region's output, J its Jacobian in x,
@@ -550,7 +550,7 @@ def relax(plan) -> None:
 
 def rematerialize(plan) -> None:
     """After graph._finish: the steps whose output the forward need not keep for the relevance
-    pass (Step.remat; lrpfast/nodes.py, "recomputed outputs"): a product of computed factors
+    pass (Step.remat; lrpfast/nodes/remat.py): a product of computed factors
     (SwiGLU's silu(g) * u: Linear outputs, elementwise activations of them), an RMSNorm-like chain
     (ScaleChainStep) of a kept x and constants, the rotary embedding of a kept x; each read only by
     Linears (which keep LATER for their x) or as query/key by AttnLRP attention steps that accept it.

@@ -6,8 +6,8 @@
     e = lrp.explain(x, keep_layers=True)          # + logits, targets, per-layer relevances and
                                                   #   Σ R per layer and sample (where it is lost)
 
-One forward (no autograd), then one relevance pass in reverse graph order (lrpfast/graph.py,
-lrpfast/nodes.py). K targets share that forward: the relevance carries K*B rows, x and z are
+One forward (no autograd), then one relevance pass in reverse graph order (lrpfast/graph/,
+lrpfast/nodes/). K targets share that forward: the relevance carries K*B rows, x and z are
 shared. `batch_size` or `memory_budget` split a large batch into chunks.
 """
 from __future__ import annotations

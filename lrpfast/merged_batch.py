@@ -13,7 +13,7 @@ mix samples: refused. A reshape of a tensor whose batch is not at dim 0 (after a
 refused before it runs (graph.forward: ReshapeStep has no `batch_anywhere`), so an interleaved
 batch never reaches this module.
 
-Relevance messages carry K maps per forward row, as K consecutive rows (row i*K + k, nodes.py).
+Relevance messages carry K maps per forward row, as K consecutive rows (row i*K + k, lrpfast/nodes/messages.py).
 A reshape that changes the number of leading rows (n_in -> n_out) reorders them: per map k, the
 relevance is the forward tensor's shape, so the map's (n_out, ...) block takes the inverse reshape
 to (n_in, ...) on its own, and the rows are interleaved again. The map k of a row is the map k of

@@ -265,7 +265,7 @@ METHODS.update({
 
 # ---- x.max(dim) / torch.min(x, dim): (values, indices). The values are amax's, and the winner takes
 # the relevance as in max pooling: the LINEAR rule through the values' own autograd (its Jacobian
-# the indicator of the index max returns, ties included). The indices (graph.py: item 1) carry none.
+# the indicator of the index max returns, ties included). The indices (lrpfast/graph/function_steps.py: item 1) carry none.
 # addcmul(c, a, b) = c + value·a·b with at most one of a, b computed: linear in the computed
 # tensors (GlobalResponseNorm's bias + γ·(x·n), ResMLP's Affine); a constant c absorbs its share.
 
@@ -299,10 +299,10 @@ _ADDCMUL = OpRule(LINEAR, _none, check=_addcmul_check)
 FUNCTIONS.update({torch.max: _MAX, torch.min: _MIN, torch.addcmul: _ADDCMUL})
 METHODS.update({"max": _MAX, "min": _MIN, "addcmul": _ADDCMUL})
 
-# x[:, [0, 2, 1]] / x[:, :, idx]: constant indices on non-batch dims copy elements (graph.py's getitem)
+# x[:, [0, 2, 1]] / x[:, :, idx]: constant indices on non-batch dims copy elements (lrpfast/graph/function_steps.py's getitem)
 ADVANCED_INDEX = OpRule(COPY, _none, sign_preserving=True, check=_index_check)
 
-# AttnLRP's softmax rule (graph.py sends softmax here under attention="attnlrp"; under "cp" the
+# AttnLRP's softmax rule (lrpfast/graph/function_steps.py sends softmax here under attention="attnlrp"; under "cp" the
 # attention weights are constants)
 SOFTMAX = OpRule(LINEAR, _softmax_dims)
 
@@ -427,7 +427,7 @@ class LinearOpStep(_EpsilonStep):
         args = (*args, *self.extra)
         z = out = self.fn(*args, **kwargs)
         if self.rule.values and isinstance(z, tuple):
-            z = z[0]   # (values, indices): the values carry the relevance (graph.py's getitem takes them)
+            z = z[0]   # (values, indices): the values carry the relevance (lrpfast/graph/function_steps.py's getitem takes them)
         # computed inputs that carry relevance: floating tensors (a bool mask computed from the
         # input selects, it carries none)
         xs = [env[i] for i in self.inputs]

@@ -18,7 +18,7 @@ With ε = 0 and the ε rule on every layer, LRP equals gradient × input of the 
 and everything linear (Linear, Conv, BatchNorm in eval, pooling, sums, reshapes, indexing, a max
 pooling's winner-take-all) is left to autograd. `gradient_oracle` computes exactly that with plain
 autograd on the unmodified model: a TorchFunctionMode swaps the nonlinear calls as the model makes
-them, so nothing here shares code with the relevance pass (lrpfast/graph.py, lrpfast/nodes.py).
+them, so nothing here shares code with the relevance pass (lrpfast/graph/, lrpfast/nodes/).
 The model's hooks run as in a normal call; its parameters are read detached.
 
     R = lrpfast.oracle.gradient_oracle(model, x, target)     # (B, ...) like x

@@ -2,7 +2,7 @@
 
 The new dim may come before the batch: an ensemble of heads, torch.stack([head(x) for head in
 heads]).sum(0) (timm's CrossViT and EfficientViM), stacks (B, C) logits into (n, B, C). The
-samples stay apart, only the batch moves to dim 1 (Call.bdim, nodes.py); the steps after it that
+samples stay apart, only the batch moves to dim 1 (Call.bdim, lrpfast/nodes/messages.py); the steps after it that
 accept the batch anywhere (a mean or sum over the heads, another stack, ...) follow it, and the
 model's output must have it first again. Messages are batch-first whatever the layout, so the
 relevance of input j is the message's slice j along the stacked dim in that layout.

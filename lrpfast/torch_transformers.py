@@ -1,4 +1,4 @@
-"""torch.nn's transformer modules for the tracer (lrpfast/graph.py's _Tracer).
+"""torch.nn's transformer modules for the tracer (lrpfast/graph/trace.py's _Tracer).
 
 nn.TransformerEncoderLayer/Encoder and nn.TransformerDecoderLayer/Decoder branch on tensor
 properties to choose a fused "fast path" (and the encoder may build nested tensors), which

@@ -41,7 +41,7 @@ constant term of its linearisation is absorbed. The backward keeps two tensors o
 size per head (K times that for K targets) where CP-LRP keeps one.
 
 Relevance messages carry K*B rows (K targets per sample), the saved forward tensors B rows:
-`per_sample` (nodes.py) views a message as (B, K, ...) where a saved tensor must broadcast over K.
+`per_sample` (lrpfast/nodes/messages.py) views a message as (B, K, ...) where a saved tensor must broadcast over K.
 """
 from __future__ import annotations
 
@@ -329,7 +329,7 @@ class ScaledDotProductAttentionStep(Step):
     fresh_output = True
     has_denominator = True
 
-    takes_later = True   # query/key may be LATER (recomputed: lrpfast/nodes.py, fusion.rematerialize)
+    takes_later = True   # query/key may be LATER (recomputed: lrpfast/nodes/remat.py, fusion.rematerialize)
     remat_qk = (None, None)   # the steps whose outputs query and key are, where those recompute them
 
     def __init__(self, name, load, is_causal, scale, eps, stabilizer, attention="cp"):

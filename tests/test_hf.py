@@ -349,7 +349,7 @@ def test_rotary_norms_and_head_are_one_step_each(name):
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_recomputed_outputs_equal_kept_ones(name, k, monkeypatch):
-    """lrpfast/nodes.py "recomputed outputs": SwiGLU/GeGLU's product, the RMSNorms read by Linears
+    """lrpfast/nodes/remat.py: SwiGLU/GeGLU's product, the RMSNorms read by Linears
     and the rotary embeddings read by attention keep no output for the relevance pass, AttnLRP's
     attention keeps no weights; the relevance pass recomputes them bit for bit: the same map as
     with all of them kept (K = 1 and 2 maps per sample, eps > 0)."""

@@ -1,6 +1,6 @@
 """torch.nn's own transformer modules: nn.TransformerEncoderLayer / nn.TransformerEncoder (and the
 decoder pair), which the tracer replaces by their slow path written from their pieces
-(lrpfast/graph.py). Checked against the module's own forward (eval, no autograd: what LRP runs)
+(lrpfast/graph/trace.py). Checked against the module's own forward (eval, no autograd: what LRP runs)
 and against the CP-LRP oracle of tests/test_lrp_transformers.py (gradient × input of a
 hand-written copy with σ and A detached and activations x·(f(x)/x).detach()), and its AttnLRP twin.
 """
