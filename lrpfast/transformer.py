@@ -460,3 +460,46 @@ class ScaledDotProductAttentionStep(Step):
 
     def zero_preserving(self, plan):
         return True
+
+
+class GroupedQueryAttentionStep(ScaledDotProductAttentionStep):
+    """F.scaled_dot_product_attention(..., enable_gqa=True): H query heads share H/g key/value heads
+    (query head h reads key/value head h // g, SDPA's repeat_interleave). It runs as the multi-query
+    case one dim up, q (B, H/g, g, L, D) against k, v (B, H/g, 1, S, D): the relevance of the g copies
+    of a key/value head is summed back to it by the same broadcast rule (_sum_to), with no copies of
+    k and v in either pass. Output and messages keep SDPA's (B, H, L, D) layout."""
+
+    def __init__(self, name, load, is_causal, scale, eps, stabilizer, attention="cp"):
+        super().__init__(name, lambda env: self._grouped(load(env)), is_causal, scale, eps, stabilizer, attention)
+
+    def _grouped(self, a):
+        q, k, v = a["query"], a["key"], a["value"]
+        if not (isinstance(q, torch.Tensor) and q.dim() >= 4 and k.dim() == q.dim() == v.dim()
+                and k.shape[-3] == v.shape[-3] and q.shape[-3] % k.shape[-3] == 0):
+            raise RelevanceError(f"LRP: {self.describe()} with enable_gqa=True expects (B, heads, L, E) query, key and "
+                                 "value with the query's heads a multiple of the key's and value's, got "
+                                 f"{[tuple(getattr(t, 'shape', ())) for t in (q, k, v)]}")
+        kv_heads = k.shape[-3]
+        groups = q.shape[-3] // kv_heads
+        mask = a["attn_mask"]
+        if isinstance(mask, torch.Tensor) and mask.dim() >= 3:     # its head dim: H, or 1 (broadcast)
+            mask = mask.unflatten(-3, (kv_heads, groups)) if mask.shape[-3] == q.shape[-3] else mask.unsqueeze(-3)
+        return dict(a, query=q.unflatten(-3, (kv_heads, groups)), key=k.unsqueeze(-3), value=v.unsqueeze(-3),
+                    attn_mask=mask)
+
+    def forward(self, env, call):
+        return super().forward(env, call).flatten(-4, -3)          # (B, H/g, g, L, D) -> (B, H, L, D), a view
+
+    def denominator(self, call):
+        return call.saved[self.index][2].flatten(-4, -3), self.eps, self.stabilizer
+
+    def output_of(self, call):
+        return call.saved[self.index][2].flatten(-4, -3)
+
+    def relprop(self, msg, call):
+        o = call.saved[self.index][2]
+        grouped = lambda t: t.unflatten(-3, o.shape[-4:-2])   # noqa: E731  (.., H, L, D) -> (.., H/g, g, L, D)
+        x = grouped(msg.x) if msg.kind == LAZY and isinstance(msg.x, torch.Tensor) else msg.x
+        outs = super().relprop(Msg(msg.kind, grouped(msg.a), x, msg.owned), call)
+        # q's (.., H/g, g, L, D) and k's / v's (.., H/g, 1, S, D) back to SDPA's own (.., heads, len, D)
+        return [(src, Msg(m.kind, m.a.flatten(-4, -3), m.x.flatten(-4, -3), m.owned)) for src, m in outs]

@@ -154,11 +154,11 @@ def _sdpa_step(plan, node, index, add, eps, stabilizer):
     if _constant(node, "dropout_p", b["dropout_p"]) != 0:
         raise RelevanceError(f"LRP: node {node.name!r} (scaled_dot_product_attention) has dropout_p="
                              f"{b['dropout_p']}; LRP explains a deterministic function (dropout_p=0, as in eval)")
-    if _constant(node, "enable_gqa", b["enable_gqa"]):
-        raise RelevanceError(f"LRP: node {node.name!r} (scaled_dot_product_attention) uses enable_gqa=True, which has "
-                             "no relevance rule")
-    step = T.ScaledDotProductAttentionStep(node.name, _loader(fixed), _constant(node, "is_causal", b["is_causal"]),
-                                           _constant(node, "scale", b["scale"]), eps, stabilizer, plan.attention)
+    # enable_gqa=True: query heads share key/value heads (grouped-query attention)
+    kind = T.GroupedQueryAttentionStep if _constant(node, "enable_gqa", b["enable_gqa"]) else \
+        T.ScaledDotProductAttentionStep
+    step = kind(node.name, _loader(fixed), _constant(node, "is_causal", b["is_causal"]),
+                _constant(node, "scale", b["scale"]), eps, stabilizer, plan.attention)
     add(step, node, b["value"])
     step.value_src = step.src
     step.query_src, step.key_src = fixed["query"].i, fixed["key"].i
