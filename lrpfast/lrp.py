@@ -418,8 +418,11 @@ class LRP:
             self._refuse_meta_tensors()   # the clearer message, when that is the cause
             raise
         logits = call.logits
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            raise RelevanceError(f"LRP: the model output has shape {tuple(getattr(logits, 'shape', ()))}; expected "
+        if not isinstance(logits, torch.Tensor):
+            raise RelevanceError(f"LRP: the model returns a {type(logits).__name__}, not a tensor; expected logits "
+                                 f"(B, classes) with B = {x.shape[0]} (a tuple's part: wrap the model and return it)")
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise RelevanceError(f"LRP: the model output has shape {tuple(logits.shape)}; expected "
                                  f"logits (B, classes) with B = {x.shape[0]}")
         self._verify(plan, x, logits)
         t, multi = _targets(target, logits)

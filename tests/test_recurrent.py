@@ -172,3 +172,9 @@ def test_recurrent_refusals():
 
     with pytest.raises(RelevanceError, match="proj_size"):
         lrpfast.LRP(Projected())(torch.randn(2, 5, 3))
+
+
+def test_a_model_returning_the_recurrent_tuple_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4, batch_first=True)).eval()
+    with pytest.raises(RelevanceError, match=r"the model returns a tuple, not a tensor"):
+        lrpfast.LRP(model)(torch.randn(2, 3, 4))
