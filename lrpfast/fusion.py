@@ -18,8 +18,8 @@ region's own nodes, so z is what the model computes, bit for bit. Two regions ar
   RMSNorm written out: (x.float() * rsqrt(mean(x²) + eps)).to(dtype) * weight): Jᵀs is s times
   the product of the factors, summed over the dims x is broadcast along.
 
-`gather_before_linear` moves a gather along a non-feature dim in front of the Linear it reads
-(logits.gather(1, pos) of an LM head: the head on one row per sample instead of all positions).
+(The gather of the explained position, moved in front of the LM head and the other row-wise
+layers, is lrpfast/graph/row_gather.py.)
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from .nodes import (DENSE as DENSE_KIND, DIVIDED, LAZY, LATER, Msg, RematEnv, Step, _EpsilonStep, _times_per_sample,
                     divide, take)
@@ -397,7 +396,6 @@ class ScaleChainStep(_RegionStep):
 
 def build(region: Region, node: fx.Node, plan, index, add, ref, load, callable_of, eps, stabilizer):
     """The step of a region's node: Elided for the inner nodes, the region's step at the root."""
-    steps = plan.steps
     if node is not region.root:
         step = add(Elided(node.name, region.root.name), node)
         step.deps = []
@@ -428,56 +426,6 @@ def build(region: Region, node: fx.Node, plan, index, add, ref, load, callable_o
     add(step, node, region.x)
     step.deps = list(dict.fromkeys(index[a] for a in external if isinstance(a, fx.Node)))
     return step
-
-
-# ============================================================================= gather before a Linear
-
-
-def gather_before_linear(gm: fx.GraphModule) -> bool:
-    """logits.gather(d, P.expand(..., V)) with logits = linear(h) (an nn.Linear read by nothing
-    else), d not the last dim and P a buffer whose last dim is 1: rewritten as
-    linear(h.gather(d, P.expand(..., D))). Row for row the same values; the Linear runs on the
-    gathered rows only, and its relevance step too (the other rows get none either way)."""
-    changed = False
-    graph = gm.graph
-    for g in list(graph.nodes):
-        if not (_is(g, (torch.gather,), ("gather",)) and len(g.args) == 3 and not g.kwargs):
-            continue
-        lin, dim, idx = g.args
-        if not (isinstance(lin, fx.Node) and lin.op == "call_module" and len(lin.users) == 1
-                and len(lin.args) == 1 and not lin.kwargs and isinstance(dim, int)):
-            continue
-        m = gm.get_submodule(lin.target)
-        if type(m) is not nn.Linear:
-            continue
-        if not (isinstance(idx, fx.Node) and idx.op == "call_method" and idx.target == "expand" and len(idx.users) == 1
-                and not idx.kwargs and len(idx.args) >= 3 and all(type(a) is int for a in idx.args[1:])):
-            continue
-        p = idx.args[0]
-        if not (isinstance(p, fx.Node) and p.op == "get_attr"):
-            continue
-        buf = gm
-        for part in p.target.split("."):
-            buf = getattr(buf, part, None)
-        sizes = list(idx.args[1:])
-        ndim = len(sizes)
-        if not isinstance(buf, torch.Tensor) or buf.dim() != ndim or buf.shape[-1] != 1 \
-                or sizes[-1] != m.out_features or dim % ndim == ndim - 1:
-            continue
-        with graph.inserting_before(g):
-            idx2 = graph.call_method("expand", (p, *sizes[:-1], m.in_features))
-            g2 = graph.create_node(g.op, g.target, (lin.args[0], dim, idx2), {}, name=g.name + "_rows")
-        g2.meta = dict(g.meta)
-        g2.append(lin)         # the layer (its node and name kept) now reads the gathered rows
-        lin.args = (g2,)
-        g.replace_all_uses_with(lin)
-        graph.erase_node(g)
-        graph.erase_node(idx)
-        changed = True
-    if changed:
-        graph.lint()
-        gm.recompile()
-    return changed
 
 
 # ============================================================================= casts to the same dtype
@@ -651,7 +599,7 @@ _FAKE = torch._C._TorchDispatchModeKey.FAKE
 
 
 def _cached_const_expr_step():
-    from .nodes import ConstExprStep, ConstStep
+    from .nodes import ConstExprStep
 
     class _Thunk:
         """A dropped cached constant (`drop`): its function and loaded arguments, for a reader

@@ -69,6 +69,15 @@ def test_model_map_matches_cpu_float64(name, device, dtype):
             # shared by both must still fail). (The plain gradient is no yardstick in float32: no
             # ε denominators; 1.2e-6 where LRP is 1.6e-4 on vgg16 at 32x32.)
             bound = min(max(bound, 2 * fallback_err()), 1e-2)
+        else:
+            # A ReLU whose input lies within float32 rounding of 0 can switch between float64 and
+            # float32; the map (and the gradient) then jump, through no fault of the engine. On an
+            # AVX2 CPU (AMD EPYC) vgg16 switches 1 gate of 131072 at features.15: the plain float32
+            # gradient is 1.5e-2 from float64, the map 5.9e-3 (the fallback exactly the same). The
+            # yardstick is then twice the gradient's own error, never past 1e-2; where no gate
+            # switches (AVX-512 machines: gradient ~1e-6) the bound stays 1e-3.
+            grad_err = _rel(_floor(model, x.to(device, dtype), t.to(device)), ref_grad)
+            bound = min(max(bound, 2 * grad_err), 1e-2)
         assert err < bound, (err, bound)
     else:
         # bfloat16: within 2x the error the plain input gradient makes in bfloat16 on this network.

@@ -232,14 +232,17 @@ def test_seed_parity_mode(variant, impl):
 @pytest.mark.parametrize("variant", ["notebook", "conv3x2"])
 def test_batch_is_per_sample(variant, impl):
     """Every sample of a batch gets what it gets alone (the seed's relMaxPool2d used sample 0's
-    pooled map for the whole batch: its bug B1)."""
-    model = seed_mnist_cnn(variant)
+    pooled map for the whole batch: its bug B1). In float64: oneDNN may pick another float32
+    convolution algorithm for batch 3 than for batch 1 (an AVX2 CPU: outputs 3e-7 apart), and the ε
+    divisions amplify that where an output is near 0 (|z| = 1.4e-6: maps 9e-5 apart), which says
+    nothing about the batch handling that this test is about."""
+    model = seed_mnist_cnn(variant).double()
     layers = wrap(model)
-    x = torch.randn(3, 1, 28, 28)
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
     batch = explain(layers, x)
     for i in range(3):
         alone = explain(layers, x[i:i + 1])
-        assert_close(batch[i:i + 1], alone, 1e-5, f"{variant} sample {i}")
+        assert_close(batch[i:i + 1], alone, 1e-9, f"{variant} sample {i}")
 
 
 def test_conservation_through_the_network(impl):

@@ -41,6 +41,7 @@ from ..ops import RelevanceError
 from .function_steps import _derived_step, _function_step
 from .layer_steps import _module_step
 from .node_args import _callable, _is_meta_call, _load, _Ref, _target_name
+from .row_gather import sink_row_gather
 from .trace import trace
 
 # ============================================================================= the plan
@@ -81,7 +82,7 @@ class Plan:
 def build_plan(model: nn.Module, rule_for: Callable, eps: float, stabilizer: str, attention: str = "cp",
                example: Optional[torch.Tensor] = None) -> Plan:
     gm = trace(model, example)
-    fusion.gather_before_linear(gm)   # an LM head on the explained rows only (fusion.py)
+    sink_row_gather(gm)   # the LM head and the rows' own layers on the explained rows only
     plan = Plan(gm)
     plan.attention = T.check_attention_rule("LRP", attention)
     # tensors computed from one tensor alone: written-out activations, normalisers (derived.py)
