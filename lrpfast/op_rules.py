@@ -36,6 +36,7 @@ import torch.utils._pytree as pytree
 
 from .nodes import DENSE, LAZY, Msg, _EpsilonStep, materialize, per_sample
 from .ops import RelevanceError
+from .shape_trace import written
 
 COPY, LINEAR, BILINEAR = "copy", "linear", "bilinear"
 
@@ -401,9 +402,42 @@ def module_rule(m):
 
 
 
-def lookup(op: str, target) -> Optional[OpRule]:
+# ---- in-place writes that keep part of the tensor: lrpfast/shape_trace.py traces `t[i] = v`,
+# `t.copy_(v)`, `t.fill_(c)` on a computed tensor as `written(dst, method, ...)`, a new value (dst
+# itself unchanged; in-place ops that rewrite all of dst, x.add_(y), become their out-of-place twins
+# there). Each copies elements (COPY): the overwritten entries of dst get no relevance, the written
+# values theirs. The batch must stay whole: t[:, ...] = v.
+
+
+def _write_index_check(args, kwargs, xs, computed):
+    item = args[2]
+    entries = item if isinstance(item, tuple) else (item,)
+    if not entries or not (isinstance(entries[0], slice) and entries[0] == slice(None)):
+        return (f"writes into dim 0 with index {entries[0] if entries else item!r}; an assignment keeps the batch "
+                "whole only as t[:, ...] = v")
+    return None
+
+
+def _write_copy_check(args, kwargs, xs, computed):
+    src = args[2] if len(args) > 2 else kwargs.get("src")
+    if computed(src) and src.dim() == args[0].dim() and src.shape[0] != args[0].shape[0]:
+        return "copies one sample's values into every sample"
+    return None
+
+
+WRITES = {
+    "__setitem__": OpRule(COPY, _none, check=_write_index_check),
+    "copy_": OpRule(COPY, _none, check=_write_copy_check),
+    "fill_": OpRule(COPY, _none),
+    "zero_": OpRule(COPY, _none, sign_preserving=True),
+}
+
+
+def lookup(op: str, target, args=()) -> Optional[OpRule]:
     if op == "call_method":
         return METHODS.get(target)
+    if target is written and len(args) > 1:
+        return WRITES.get(args[1])
     try:
         return FUNCTIONS.get(target)
     except TypeError:   # an unhashable target

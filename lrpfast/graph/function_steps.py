@@ -360,7 +360,7 @@ def _function_step(plan, node, index, add, ref, eps, stabilizer, first_node_arg)
         return _linear_op_step(plan, node, index, add, ref, op_rules.SOFTMAX, eps, stabilizer)
 
     # ---- every other op linear in its computed inputs: one table entry each (lrpfast/op_rules.py)
-    rule = op_rules.lookup(node.op, t)
+    rule = op_rules.lookup(node.op, t, node.args)
     if rule is not None:
         return _linear_op_step(plan, node, index, add, ref, rule, eps, stabilizer)
 

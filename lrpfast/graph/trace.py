@@ -54,7 +54,9 @@ SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d (also F.linear/F.conv*d wi
              "dims, stack, expand, repeat, pad, roll, flip, interpolate, casts, masked_fill, max/min over a dim, addcmul "
              "(one computed factor), matmul/einsum (one or two "
              "computed factors), softmax (CP: constant; AttnLRP: its Taylor step), torch.unbind, GroupNorm, RMSNorm, "
-             "F.normalize (σ constant), nn.Upsample/Softmax/padding modules")
+             "F.normalize (σ constant), nn.Upsample/Softmax/padding modules; in-place ops on computed tensors "
+             "(x.add_(y), x *= c, x.relu_(): as their out-of-place twins; t[:, i] = v, t.copy_(v), t.fill_(c): "
+             "elements copied)")
 
 _LEAVES = (nn.Linear, *_CONV, *canonize.BATCH_NORMS, *_MAXPOOL, *_AVGPOOL, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX, *_DROPOUT,
            *_ACTIVATIONS, nn.Flatten, nn.Unflatten, nn.LayerNorm, nn.MultiheadAttention, *recurrent.RECURRENT,
@@ -80,6 +82,13 @@ class _Tracer(fx.Tracer):
             # through, so its own computation is what gets explained, or refused op by op.
             return any(isinstance(m, base) and type(m).forward is base.forward for base in _LEAVES)
         return super().is_leaf_module(m, qualname)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        # an in-place op on a traced tensor (x.add_(pos), x.mul_(2)): the new value, for every later use
+        p = shape_trace.functional_write(self, self.create_proxy, kind, target, args, kwargs, name, type_expr)
+        if p is not None:
+            return p
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
 
     def call_module(self, m, forward, args, kwargs):
         slow = _slow_path(m)
