@@ -38,7 +38,7 @@ _ADD = (operator.add, torch.add)
 _MUL = (operator.mul, torch.mul)
 _NEG = (operator.neg, torch.neg)
 _CAT = (torch.cat, torch.concat, torch.concatenate)
-CASTS = ("to", "float", "double", "half", "bfloat16", "type_as")
+CASTS = ("to", "float", "double", "half", "bfloat16", "type_as", "type")
 
 
 def _is(node, functions=(), methods=()) -> bool:

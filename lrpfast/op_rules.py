@@ -65,6 +65,8 @@ class OpRule(NamedTuple):
                                                 # the op's own (a norm with its σ held constant)
     values: bool = False                        # the op returns (values, indices) (x.max(dim)): the values
                                                 # are the output the rule is about, the indices carry none
+    casts: bool = False                         # the op may return another dtype (softmax(x, dtype=float32) in a
+                                                # float64 or bfloat16 model): its output is the z of the rule
 
 
 def _dims(v, ndim):
@@ -207,7 +209,7 @@ METHODS = {
     "roll": OpRule(COPY, _roll_dims, sign_preserving=True),
     "flip": OpRule(COPY, _flip_dims, sign_preserving=True),
     **{cast: OpRule(COPY, _none, sign_preserving=True) for cast in ("float", "double", "half", "bfloat16", "to",
-                                                                     "type_as")},
+                                                                     "type_as", "type")},
     "matmul": OpRule(BILINEAR, check=_matmul_check),
     "bmm": OpRule(BILINEAR, check=_matmul_check),
     "masked_fill": OpRule(COPY, _none),
@@ -294,6 +296,18 @@ def _addcmul_check(args, kwargs, xs, computed):
     return None
 
 
+def _where_check(args, kwargs, xs, computed):
+    """torch.where(condition, a, b) / a.where(condition, b): every output entry is one of a's or b's
+    (GPT-2's eager attention masks its scores so); the one-argument form returns indices."""
+    if len(args) + len(kwargs) < 3:
+        return "with one argument returns indices, which carry no relevance (give the two values)"
+    return None
+
+
+_WHERE = OpRule(COPY, _none, check=_where_check)
+FUNCTIONS[torch.where] = _WHERE
+METHODS["where"] = _WHERE
+
 _MAX = OpRule(LINEAR, _sum_dims, sign_preserving=True, check=_max_check, linearized=_max_values, values=True)
 _MIN = OpRule(LINEAR, _sum_dims, sign_preserving=True, check=_max_check, linearized=_min_values, values=True)
 _ADDCMUL = OpRule(LINEAR, _none, check=_addcmul_check)
@@ -305,7 +319,7 @@ ADVANCED_INDEX = OpRule(COPY, _none, sign_preserving=True, check=_index_check)
 
 # AttnLRP's softmax rule (lrpfast/graph/function_steps.py sends softmax here under attention="attnlrp"; under "cp" the
 # attention weights are constants)
-SOFTMAX = OpRule(LINEAR, _softmax_dims)
+SOFTMAX = OpRule(LINEAR, _softmax_dims, casts=True)
 
 
 # ---- norms: the normaliser σ held constant (the LayerNorm rule of the README), so the map is
@@ -482,7 +496,7 @@ class LinearOpStep(_EpsilonStep):
             if dims is None or 0 in dims:
                 raise RelevanceError(f"LRP: {self.describe()} acts along the batch dimension (dim 0); only ops on "
                                      "the other dims of each sample have a relevance rule")
-        if self.rule.kind != COPY and xs and z.dtype != xs[0].dtype:
+        if self.rule.kind != COPY and not self.rule.casts and xs and z.dtype != xs[0].dtype:
             raise RelevanceError(f"LRP: {self.describe()} changes the dtype ({xs[0].dtype} -> {z.dtype})")
         call.saved[self.index] = (args, kwargs, xs, z, carries)
         return out

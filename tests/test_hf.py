@@ -139,6 +139,25 @@ def test_token_models_equal_the_oracle(name, attention):
 
 
 @pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+def test_eager_attention_equals_the_oracle(name, attention):
+    """HF's eager attention written out: GPT-2 masks its scores with torch.where (COPY) and casts
+    with .type(); the Llama family takes softmax(..., dtype=float32) (another dtype than the float64
+    model: the rule's z is the float32 output) and casts back with .to(). Same tolerances as SDPA."""
+    torch.manual_seed(0)
+    m = _build(name).to(F64).eval()
+    m.config._attn_implementation = "eager"
+    ids, mask = tokens()
+    e = H.LRP(m, eps=0.0, attention=attention)(ids, mask)
+    want = model_logits(m, ids, mask)
+    assert (e.logits - want).abs().max() <= 1e-10 * want.abs().max()
+    emb = m.get_input_embeddings()(ids).detach()
+    oracle = gradient_oracle(Reference(m, mask), emb, e.targets, attention=attention)
+    assert rel_err(e.relevance, oracle) <= (2e-6 if name in FLOAT32_NORMS else 1e-10)
+    assert e.relevance[mask == 0].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_exact_with_float64_norms(name, attention, monkeypatch):
     """The ~1e-7 gap of the RMSNorm models is HF's float32 upcast: with the norm in float64

@@ -51,7 +51,7 @@ SUPPORTED = ("Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d (also F.linear/F.conv*d wi
              "path, traced through), basic indexing x[:, ...] (ints, slices, None, ...), "
              "parameters and tensors computed from them only (expand, ...; constants: no relevance), torch._assert; "
              "and the ops of lrpfast/op_rules.py: negation, subtraction, division by constants, sum over non-batch "
-             "dims, stack, expand, repeat, pad, roll, flip, interpolate, casts, masked_fill, max/min over a dim, addcmul "
+             "dims, stack, expand, repeat, pad, roll, flip, interpolate, casts, masked_fill, torch.where, max/min over a dim, addcmul "
              "(one computed factor), matmul/einsum (one or two "
              "computed factors), softmax (CP: constant; AttnLRP: its Taylor step), torch.unbind, GroupNorm, RMSNorm, "
              "F.normalize (σ constant), nn.Upsample/Softmax/padding modules; in-place ops on computed tensors "
