@@ -125,7 +125,19 @@ def _targets(target, logits: torch.Tensor):
     return t, multi
 
 
-def _overflow_hint(dtype: torch.dtype) -> str:
+def _overflow_hint(dtype: torch.dtype, logits: Optional[torch.Tensor] = None,
+                   model: Optional[nn.Module] = None) -> str:
+    """Why the map of a finite x may not be finite: a parameter or buffer holding NaN/Inf (named),
+    the model's own output already not finite (the samples named), float16's range."""
+    if model is not None:
+        bad = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            return f"; the model's parameter(s)/buffer(s) {bad[:4]} hold NaN/Inf"
+    if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not bool(torch.isfinite(logits).all()):
+        bad = (~torch.isfinite(logits.reshape(logits.shape[0], -1))).any(1).nonzero().flatten().tolist()
+        return (f"; the model's own output (the logits) is not finite for sample(s) {bad[:8]}: the model computes "
+                "NaN/Inf from this input (e.g. an attention row with every key masked, an overflow)")
     if dtype == torch.float16:
         return ("; float16 tops out at 65504 and relevance divided by a denominator near eps overflows it: "
                 "use bfloat16 or float32, or a larger eps")
@@ -395,8 +407,11 @@ class LRP:
                 tc = t_all[a:a + chunk] if isinstance(t_all, torch.Tensor) and t_all.dim() >= 1 else t_all
                 parts.append(self._run(x[a:a + chunk], tc, record, keep_layers, group))
         for p in parts:
-            ops.check_finite(p.relevance, f"LRP: the {x.dtype} relevance map holds NaN or Inf although x is finite"
-                          + _overflow_hint(x.dtype))
+            message = f"LRP: the {x.dtype} relevance map holds NaN or Inf although x is finite"
+            try:
+                ops.check_finite(p.relevance, message + _overflow_hint(x.dtype))
+            except RelevanceError:
+                raise RelevanceError(message + _overflow_hint(x.dtype, p.logits, self.model)) from None
         if len(parts) == 1:
             return parts[0]
         first = parts[0]

@@ -490,3 +490,22 @@ def test_bad_file_error_names_the_file(tmp_path):
     np.save(tmp_path / "wide.npy", np.full((1, 1, 2, 2), 300, dtype=np.int32))
     with pytest.raises(DataError, match=r"tensor file '.*wide.npy': integer data \(torch.int32\).*300\.\.300"):
         load_tensor_file(tmp_path / "wide.npy")
+
+
+def test_non_finite_map_names_the_samples_whose_logits_overflow():
+    """A finite x whose logits overflow (sample 1 only): the error names that sample and says the
+    model itself computes Inf, instead of blaming a parameter; a NaN parameter is named."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1e38)
+        model[0].bias.zero_()
+    x = torch.tensor([[1e-30, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    with torch.no_grad():
+        assert torch.isfinite(model(x)[0]).all() and not torch.isfinite(model(x)[1]).all()
+    with pytest.raises(RelevanceError, match=r"the logits\) is not finite for sample\(s\) \[1\]"):
+        lrpfast.LRP(model)(x, torch.tensor([0, 0]))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].weight[1, 2] = float("nan")
+    with pytest.raises(RelevanceError, match=r"although x is finite; the model's parameter\(s\)/buffer\(s\) \['0.weight'\]"):
+        lrpfast.LRP(model)(x, torch.tensor([0, 0]))
