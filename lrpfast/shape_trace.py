@@ -73,33 +73,28 @@ _AUGMENTED = {"__iadd__": operator.add, "__isub__": operator.sub, "__imul__": op
               "__itruediv__": operator.truediv}
 
 
-def functional_twin(method: str):
-    """The out-of-place call that computes what the in-place `method` writes (x.add_(y) -> x.add(y),
-    x += y -> x + y), as (kind, target); None for a write that keeps part of dst (t[i] = v, copy_,
-    fill_), which becomes `written`."""
+def functional_call(method: str, args) -> tuple:
+    """(kind, target, args) of the call computing the value an in-place `method` leaves in dst
+    (args[0]): its out-of-place twin (x.add_(y) -> x.add(y), x += y -> x + y), or, for a write
+    that keeps part of dst (t[i] = v, copy_, fill_), `written(dst, method, ...)`."""
     if method in _AUGMENTED:
-        return "call_function", _AUGMENTED[method]
+        return "call_function", _AUGMENTED[method], tuple(args)
     twin = method[:-1]
     if method.endswith("_") and not method.endswith("__") and callable(getattr(torch.Tensor, twin, None)):
-        return "call_method", twin
-    return None
+        return "call_method", twin, tuple(args)
+    return "call_function", written, (args[0], method, *args[1:])
 
 
-def functional_write(tracer, create, kind, target, args, kwargs, name=None, type_expr=None):
-    """An in-place write on a traced tensor as a new value: its out-of-place twin, or `written`;
-    the Proxy written to then stands for the new value (later uses of dst read it). Otherwise
-    fx records a node without users, dropped as dead code, and later uses read dst unchanged (a
-    graph that computes another function). Returns dst, now the new value, or None for no write."""
+def functional_write(create, kind, target, args, kwargs, name=None, type_expr=None):
+    """An in-place write on a traced tensor as a new value (functional_call, made by `create`); the
+    Proxy written to then stands for it, so later uses of dst read it. Otherwise fx records a node
+    without users, dropped as dead code, and later uses read dst unchanged (a graph that computes
+    another function). Returns dst, now the new value, or None for no write."""
     method = _in_place(kind, target)
     if method is None or not args or not isinstance(args[0], fx.Proxy):
         return None
     dst = args[0]
-    twin = functional_twin(method)
-    if twin is not None:
-        p = create(twin[0], twin[1], tuple(args), kwargs, name, type_expr)
-    else:
-        p = create("call_function", written, (dst, method, *args[1:]), kwargs, name, type_expr)
-    dst.node = p.node
+    dst.node = create(*functional_call(method, args), kwargs, name, type_expr).node
     return dst   # (in-place ops return their tensor: x.mul_(3).div_(2) writes x twice)
 
 
@@ -201,16 +196,12 @@ def make_tracer(base: type, example: torch.Tensor):
                 # An in-place write (HF's padding mask: `causal_mask[..., :n] = causal_mask[..., :n]
                 # .masked_fill(padding, min)` on a tensor made without the input) would be a node
                 # without users, dropped as dead code, leaving the value of the traced call as a
-                # constant. It becomes `written(dst, method, ...)`, a new value, and later uses of
-                # dst (its Proxy, or the real tensor) read that value.
-                # (an in-place op that rewrites the whole tensor, x.add_(y), as its out-of-place twin)
+                # constant. It becomes a new value (functional_call), and later uses of dst (its
+                # Proxy, or the real tensor) read that value.
                 dst = args[0]
                 if isinstance(dst, fx.Proxy):
-                    return functional_write(self, self.create_proxy, kind, target, args, kwargs, name, type_expr)
-                twin = functional_twin(method)
-                p = self.create_proxy(*(twin or ("call_function", written)),
-                                      tuple(args) if twin else (dst, method, *args[1:]), kwargs, name, type_expr,
-                                      proxy_factory_fn)
+                    return functional_write(self.create_proxy, kind, target, args, kwargs, name, type_expr)
+                p = self.create_proxy(*functional_call(method, args), kwargs, name, type_expr, proxy_factory_fn)
                 if isinstance(dst, torch.Tensor):
                     self.writes[id(dst)] = (dst, p)
                 return p

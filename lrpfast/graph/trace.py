@@ -85,7 +85,7 @@ class _Tracer(fx.Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         # an in-place op on a traced tensor (x.add_(pos), x.mul_(2)): the new value, for every later use
-        p = shape_trace.functional_write(self, self.create_proxy, kind, target, args, kwargs, name, type_expr)
+        p = shape_trace.functional_write(self.create_proxy, kind, target, args, kwargs, name, type_expr)
         if p is not None:
             return p
         return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
