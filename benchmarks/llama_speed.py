@@ -20,6 +20,10 @@ Contenders, each given input_ids:
            and the input gradient only (no weight gradients).
   lrpfast  AttnLRP (attention="attnlrp") through lrpfast's Hugging Face token API, relevance at the
            embedding output.
+  lrpfast compiled   the same with compile=True (lrpfast/compiled.py): the forward and relevance
+           pass as one inductor graph per input shape; its compile (two untimed calls) is set-up.
+  floor compiled     the floor with the model's forward (and so its autograd backward) compiled by
+           torch.compile: for reference, what a compiled gradient costs (--no-compiled skips both).
   LXT      LXT 2.1 efficient AttnLRP: its patches switched on around the call (a few setattr, not
            timed), then the same forward/backward as the floor through the patched modules, and
            relevance = e * e.grad summed over the hidden dim.
@@ -116,14 +120,40 @@ def llama_lrpfast(model, example_ids):
     return explain
 
 
-def _lrpfast_token_api(model):
+def llama_lrpfast_compiled(model, example_ids):
+    """The same with compile=True: the first call traces (eager), the second compiles (inductor);
+    both outside the timing."""
+    explain = _lrpfast_token_api(model, compile=True)
+    explain(example_ids)
+    explain(example_ids)
+    return explain
+
+
+def llama_floor_compiled(model, example_ids):
+    """The floor with the model's forward compiled (inductor; its backward compiled by AOTAutograd
+    too): what a compiled gradient costs, for reference."""
+    emb = model.get_input_embeddings()
+    forward = torch.compile(lambda e: last_logit(model(inputs_embeds=e, use_cache=False).logits), dynamic=False)
+
+    def run(ids):
+        with torch.no_grad():
+            e = emb(ids)
+        e.requires_grad_(True)
+        chosen = forward(e)
+        return torch.autograd.grad(chosen, e, grad_outputs=torch.ones_like(chosen))[0]
+
+    run(example_ids)
+    return run
+
+
+def _lrpfast_token_api(model, compile=False):
     """lrpfast.hf's token API: ids -> (B, L) relevance, AttnLRP, the argmax next-token logit at the
     last position (its defaults)."""
     try:
         import lrpfast.hf as hf
     except ImportError as exc:
         raise NotImplementedError(f"lrpfast has no Hugging Face token API here ({exc}): lrpfast row skipped") from None
-    lrp = hf.LRP(model, attention="attnlrp")
+    lrp = hf.LRP(model, attention="attnlrp", compile=compile)
 
     def run(ids):
         return lrp(ids).tokens
@@ -198,7 +228,7 @@ def memory(contenders, arg):
 # ============================================================================== cases
 
 
-def case_llama(batch, seq, vocab, rounds, do_memory):
+def case_llama(batch, seq, vocab, rounds, do_memory, compiled=True):
     from lxt_common import Built, LxtPatch
     import transformers.models.llama.modeling_llama as modeling_llama
 
@@ -214,6 +244,14 @@ def case_llama(batch, seq, vocab, rounds, do_memory):
         skipped = None
     except NotImplementedError as exc:
         skipped = str(exc)
+    if compiled and skipped is None:
+        t0 = time.perf_counter()
+        retained["lrpfast compiled"] = net_allocated(
+            lambda: holder.setdefault("compiled", llama_lrpfast_compiled(model, ids)))
+        contenders["lrpfast compiled"] = (holder["compiled"], noop, noop)
+        contenders["floor compiled"] = (llama_floor_compiled(model, ids), noop, noop)
+        retained["floor compiled"] = 0
+        print(f"(compiling lrpfast and the floor took {time.perf_counter() - t0:.0f} s)", flush=True)
     patch = LxtPatch(Built("llama", modeling_llama, "LlamaForCausalLM", "causal", model))
     contenders["LXT"] = (llama_lxt(patch), patch.on, patch.off)
     retained["LXT"] = 0
@@ -259,22 +297,16 @@ def case_vit(batch, rounds, do_memory):
 
 
 def print_row(row):
+    """One line per contender: its median, its ratios to the floor and to LXT, its peak memory."""
     med = row["median_s"]
-    fl = med["floor"]
-    cells = [row["case"], f"{fl * 1e3:.1f}"]
-    lf, lx = med.get("lrpfast"), med.get("LXT")
-    cells.append(f"{lf * 1e3:.1f}" if lf else "—")
-    cells.append(f"{lx * 1e3:.1f}" if lx else "—")
-    cells.append(f"{lf / fl:.3f}" if lf else "—")
-    cells.append(f"{lx / fl:.3f}" if lx else "—")
-    cells.append(f"{lf / lx:.3f}" if lf and lx else "—")
-    if "peak_bytes" in row:
-        mb = lambda k: (f"{(row['peak_bytes'][k] + row['retained_bytes'].get(k, 0)) / 2 ** 20:.1f}"  # noqa: E731
-                        if k in row["peak_bytes"] else "—")
-        cells += [mb("floor"), mb("lrpfast"), mb("LXT")]
-    else:
-        cells += ["", "", ""]
-    print("| " + " | ".join(cells) + " |", flush=True)
+    fl, lx = med["floor"], med.get("LXT")
+    for name, t in med.items():
+        cells = [row["case"], name, f"{t * 1e3:.1f}", f"{t / fl:.3f}", f"{t / lx:.3f}" if lx else "—"]
+        if "peak_bytes" in row and name in row["peak_bytes"]:
+            cells.append(f"{(row['peak_bytes'][name] + row['retained_bytes'].get(name, 0)) / 2 ** 20:.1f}")
+        else:
+            cells.append("")
+        print("| " + " | ".join(cells) + " |", flush=True)
     if row.get("skipped"):
         print(f"|   ({row['skipped']}) |", flush=True)
 
@@ -381,6 +413,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15 for llama, 7 for vit)")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiler-based peak memory pass")
+    ap.add_argument("--no-compiled", action="store_true",
+                    help="skip lrpfast with compile=True and the compiled floor (llama rows; compiling takes ~1 min)")
     ap.add_argument("--profile", choices=["llama"], default=None, help="instead: profile lrpfast vs the floor")
     ap.add_argument("--json", default=os.path.join(HERE, "llama_speed_results.json"))
     args = ap.parse_args(argv)
@@ -394,14 +428,14 @@ def main(argv=None):
     print(f"# AttnLRP vs floor and LXT — {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"extension={lrpfast.HAS_EXT}")
-    print("| case | floor (ms) | lrpfast (ms) | LXT (ms) | lrpfast/floor | LXT/floor | lrpfast/LXT | "
-          "floor MiB | lrpfast MiB | LXT MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | contender | median ms | / floor | / LXT | peak MiB |")
+    print("|---|---|---:|---:|---:|---:|")
     rows = []
     for case in args.cases:
         for b in args.batches:
             if case == "llama":
-                row = case_llama(b, args.seq, args.vocab, args.rounds or 15, not args.no_memory)
+                row = case_llama(b, args.seq, args.vocab, args.rounds or 15, not args.no_memory,
+                                 not args.no_compiled)
             else:
                 row = case_vit(b, args.rounds or 7, not args.no_memory)
             print_row(row)

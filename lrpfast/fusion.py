@@ -337,7 +337,7 @@ class ScaleChainStep(_RegionStep):
         if not isinstance(z, torch.Tensor) or z.dim() != x.dim() or z.shape[0] != x.shape[0]:
             raise RelevanceError(f"LRP: {self.describe()} turns {tuple(x.shape)} into "
                                  f"{tuple(getattr(z, 'shape', ()))}: only broadcasting within a sample is supported")
-        if self.remat and not call.bdim and not torch.compiler.is_compiling():
+        if self.remat and not call.bdim:
             call.remat[self.index] = None   # z replayed from x in the relevance pass (nodes: `value`)
             call.saved[self.index] = (x, LATER, self.factors(env, kept), kept)
         else:

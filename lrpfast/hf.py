@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import compiled
 from .lrp import LRP as _LRP
 from .ops import DEFAULT_EPS, RelevanceError
 
@@ -194,6 +195,8 @@ class LRP:
                  or "cp" (attention weights held constant)
     eps, stabilizer, init, composite, **composite_params: as lrpfast.LRP
     batch_size   at most this many samples per pass
+    compile      as lrpfast.LRP: True compiles each input shape's pass at its second call (worth it
+                 when many inputs share a shape: pad token batches to a fixed length)
 
     lrp(input_ids, attention_mask=None, target=None, position=-1, keep_layers=False) -> Explanation
     lrp(pixel_values=x, target=None) / lrp(inputs_embeds=e, attention_mask=...)    any one float input
@@ -201,7 +204,7 @@ class LRP:
 
     def __init__(self, model: nn.Module, eps: float = DEFAULT_EPS, attention: str = "attnlrp",
                  stabilizer: str = "sign", init: str = "logit", composite=None, batch_size: Optional[int] = None,
-                 **composite_params):
+                 compile=False, **composite_params):
         if not isinstance(model, nn.Module):
             raise TypeError(f"lrpfast.hf.LRP: model must be an nn.Module, got {type(model).__name__}")
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
@@ -210,8 +213,9 @@ class LRP:
         self.model = model
         self.batch_size = batch_size
         self.attention = attention
+        compiled.options(compile)   # a bad value is refused here, not at the first call
         self._settings = dict(eps=eps, stabilizer=stabilizer, init=init, composite=composite, attention=attention,
-                              **composite_params)
+                              compile=compile, **composite_params)
         self._explainers = {}   # input keyword -> (_Explained, lrpfast.LRP): one traced function each
 
     def _explainer(self, name: str):

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import checks, graph, merged_batch, nodes as N, ops
+from . import checks, compiled, graph, merged_batch, nodes as N, ops
 from .ops import DEFAULT_EPS, RelevanceError
 from .rules import Epsilon
 
@@ -169,11 +169,15 @@ class LRP:
                      "cp" (the attention weights held constant, relevance to the values only; Ali et al.
                      2022) or "attnlrp" (through the softmax to queries and keys too; Achtibat et al.
                      2024). lrpfast/transformer.py has both rules.
+    compile          False (eager), True (torch.compile with inductor), a backend name or a dict of
+                     torch.compile arguments: from the second call per input shape, the forward and
+                     relevance pass run as one compiled graph (one compile per shape; lrpfast/compiled.py)
     """
 
     def __init__(self, model: nn.Module, eps: float = DEFAULT_EPS, stabilizer: str = "sign", init: str = "logit",
                  composite=None, batch_size: Optional[int] = None, memory_budget: Union[int, str, None] = None,
-                 attention: str = "cp", per_shape: bool = False, **composite_params):
+                 attention: str = "cp", per_shape: bool = False, compile: Union[bool, str, dict] = False,
+                 **composite_params):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LRP: model must be an nn.Module, got {type(model).__name__}")
         if type(model).__module__.startswith("transformers.") and hasattr(model, "config"):
@@ -207,6 +211,8 @@ class LRP:
                 self._plan, self._shape_plans, self._symbolic_error = None, {}, exc
         self.attention = attention
         self._per_sample: dict = {}
+        opts = compiled.options(compile)
+        self._compiled = None if opts is None else compiled.compile_pass(self._passes_fast, opts)
 
     @property
     def plan(self) -> graph.Plan:
@@ -217,13 +223,16 @@ class LRP:
                                  f"first. ({self._symbolic_error})")
         return self._plan
 
+    def _verify_key(self, x) -> tuple:
+        # a shape-agnostic plan is the same graph for every batch size: check it once per sample shape
+        shape = tuple(x.shape) if self._shape_plans is not None else tuple(x.shape[1:])
+        return (shape, x.dtype, x.device)
+
     def _verify(self, plan, x, logits) -> None:
         """Once per plan and input shape: the traced graph's logits are model(x). A trace that fixed
         something the forward computes from the data, or anything else that makes the graph another
         function, is refused here instead of explained (one extra forward per new shape)."""
-        # a shape-agnostic plan is the same graph for every batch size: check it once per sample shape
-        shape = tuple(x.shape) if self._shape_plans is not None else tuple(x.shape[1:])
-        key = (shape, x.dtype, x.device)
+        key = self._verify_key(x)
         if torch.compiler.is_compiling() or key in plan.verified:
             return
         if not bool(torch.isfinite(logits).all()):
@@ -427,6 +436,21 @@ class LRP:
 
     def _run(self, x, target, record: bool, keep_layers: bool, group: int = 0) -> Explanation:
         plan = self.prepare(x)
+        if self._compiled is not None and not record and not torch.compiler.is_compiling() \
+                and self._verify_key(x) in plan.verified:
+            try:
+                return self._compiled(plan, x, target, group)
+            except RuntimeError as exc:
+                if "LRP: target out of range" not in str(exc):
+                    raise
+                # the eager pass below raises the message that names the target
+        return self._passes(plan, x, target, record, keep_layers, group)
+
+    def _passes_fast(self, plan, x, target, group: int) -> Explanation:
+        """The compiled function (lrpfast/compiled.py): the passes of a verified plan, no records."""
+        return self._passes(plan, x, target, False, False, group)
+
+    def _passes(self, plan, x, target, record: bool, keep_layers: bool, group: int) -> Explanation:
         try:
             call = graph.forward(plan, x, fuse_pools=not record)
         except RelevanceError:

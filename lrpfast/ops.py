@@ -79,7 +79,18 @@ def _check_rows(where: str, r: torch.Tensor, name: str, shared: torch.Tensor, in
         )
 
 
+# Inside LRP(model, compile=...)'s own graph (lrpfast/compiled.py sets this around its calls) the
+# elementwise ops run as their pure-torch twins: inductor then fuses them into the loops around
+# them and reads x and z where they lie. An opaque custom op needs its inputs materialised, and
+# inductor computes those copies early (inside the forward's kernels) and keeps them alive until
+# the relevance pass: more memory, and a kernel call more, for the same arithmetic.
+INLINE_ELEMENTWISE = False
+_ELEMENTWISE = frozenset({"stab_div", "mul_input", "mul_stab_div"})
+
+
 def _impl(name: str):
+    if INLINE_ELEMENTWISE and name in _ELEMENTWISE and torch.compiler.is_compiling():
+        return getattr(_fallback, name)
     return getattr(torch.ops.lrpfast, name) if _ext._use_ext else getattr(_fallback, name)
 
 

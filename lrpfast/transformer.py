@@ -366,8 +366,7 @@ class ScaledDotProductAttentionStep(Step):
             later = lambda t, i, j: LATER if i is not None and i in call.remat and t is env[j] and not call.bdim else t  # noqa: E731
             qk = (later(q, self.remat_qk[0], self.query_src), later(k, self.remat_qk[1], self.key_src), scale,
                   a["attn_mask"])
-            if not torch.compiler.is_compiling():
-                attn = LATER   # recomputed from q and k, which AttnLRP keeps anyway (one (B, heads, L, S) fewer)
+            attn = LATER   # recomputed from q and k, which AttnLRP keeps anyway (one (B, heads, L, S) fewer)
         call.saved[self.index] = (v, attn, o, qk)
         return o
 

@@ -84,7 +84,7 @@ class MulStep(_EpsilonStep):
                                      "sample (e.g. (B, C, 1, 1) gates) is supported")
         if all(t.shape == z.shape and t.dtype == z.dtype for i, t in zip(self.factors, values) if i is not None):
             # no computed factor broadcast: R_i = z ⊙ s / n for each (relprop), the factors not needed
-            if self.remat and not call.bdim and not torch.compiler.is_compiling():
+            if self.remat and not call.bdim:
                 call.remat[self.index] = None   # z recomputed from the factors (module doc: `value`)
                 call.saved[self.index] = (None, LATER, None)
             else:
@@ -115,7 +115,7 @@ class MulStep(_EpsilonStep):
             z = call.dens[self.index][0] if self.index in call.dens else take(call, self.index)
         if values is None:
             n = sum(i is not None for i in self.factors)
-            if later and n > 1 and msg.kind != DIVIDED and s.shape == z.shape and not torch.compiler.is_compiling():
+            if later and n > 1 and msg.kind != DIVIDED and s.shape == z.shape:
                 # the recomputed z is dropped here: each factor's (1/n) z ⊙ s is formed once, in s's
                 # buffer (our division's), one dense message for all (not z kept till the last reads it)
                 s = s.mul_(1.0 / n).mul_(z)

@@ -16,6 +16,8 @@ from .messages import Call
 # and the first relevance step that needs the tensor recomputes it (`value`) by the step's own
 # forward arithmetic, bit for bit; the producer's own relevance step takes it from call.remat and
 # drops it. The forward keeps one tensor fewer per such step until the relevance pass reaches it.
+# Under torch.compile the same: the recomputation is traced into the graph where the relevance
+# pass needs it, so LRP(model, compile=True) keeps eager's peak memory (lrpfast/compiled.py).
 
 LATER = object()   # in a step's saved state: the input's value, recomputed when needed (`value`)
 
