@@ -23,6 +23,9 @@ What is compiled, and what stays eager:
   recompile limit (torch._dynamo.config.recompile_limit, 8 by default) alone, not shared with
   other LRP objects in the process. Past the limit dynamo runs the pass eagerly (same result).
 
+A compile that fails (no C++ compiler, a backend error) is not the user's error: LRP._run runs the
+call eagerly, warns once with the cause and stays eager (bad input still raises its eager message).
+
 Cost: one compile per input shape (tens of seconds for a small transformer on 2 CPU cores; torch
 caches the generated code on disk, so a later process compiles faster). It pays when many inputs
 share a shape: pad token batches to a fixed length.

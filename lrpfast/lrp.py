@@ -12,6 +12,7 @@ shared. `batch_size` or `memory_budget` split a large batch into chunks.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Union
 
@@ -440,10 +441,20 @@ class LRP:
                 and self._verify_key(x) in plan.verified:
             try:
                 return self._compiled(plan, x, target, group)
-            except RuntimeError as exc:
-                if "LRP: target out of range" not in str(exc):
-                    raise
-                # the eager pass below raises the message that names the target
+            except RelevanceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (any failure of the compiled path: decided below)
+                failed = exc
+            # The eager pass decides whose fault it was: bad input (a target out of range, which the
+            # graph can only assert) raises its eager message here; if eager succeeds, compiling
+            # failed (no C++ compiler, a backend error): warn once and stay eager from now on.
+            out = self._passes(plan, x, target, record, keep_layers, group)
+            cause = getattr(failed, "inner_exception", None) or failed.__cause__ or failed   # (dynamo wraps it)
+            first = (str(cause).strip().splitlines() or [""])[0][:300]
+            warnings.warn(f"LRP: compile= failed for input shape {tuple(x.shape)} ({type(cause).__name__}: {first}); "
+                          "this LRP runs eagerly from now on (same maps, eager speed)", RuntimeWarning, stacklevel=4)
+            self._compiled = None
+            return out
         return self._passes(plan, x, target, record, keep_layers, group)
 
     def _passes_fast(self, plan, x, target, group: int) -> Explanation:

@@ -143,6 +143,30 @@ def test_errors_keep_their_eager_messages():
         lrp(bad)
 
 
+def test_a_failing_compile_warns_once_and_stays_eager():
+    """A backend that cannot compile (no C++ compiler, an inductor error): the call still returns
+    the map, with one warning naming the failure, and the LRP stays eager afterwards."""
+    m, x = net(), data()
+    tries = []
+
+    def broken(gm, example_inputs):
+        tries.append(1)
+        raise RuntimeError("no C++ compiler found")
+
+    lrp = lrpfast.LRP(m, eps=0.0, compile={"backend": broken})
+    lrp(x)
+    with pytest.warns(RuntimeWarning, match="compile= failed for input shape .*no C\\+\\+ compiler found.*runs eagerly"):
+        r = lrp(x)
+    assert rel_err(r, gradient_oracle(m, x)) <= 1e-10
+    n = len(tries)
+    assert n >= 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rel_err(lrp(x), gradient_oracle(m, x)) <= 1e-10
+    assert len(tries) == n   # not tried again
+
+
 def test_explain_with_records_is_eager():
     m, x = net(), data()
     backend = Counting()
