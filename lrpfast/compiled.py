@@ -60,8 +60,6 @@ def options(value: Union[bool, str, dict, None]) -> Optional[dict]:
         opts = {"backend": "inductor", **value}
     else:
         raise TypeError(f"LRP: compile must be {BACKENDS_HINT}; got {type(value).__name__}")
-    if not hasattr(torch, "compile"):
-        raise RelevanceError("LRP: compile= needs torch.compile (torch >= 2.0)")
     if (opts.get("options") or {}).get("freezing"):
         raise RelevanceError("LRP: compile= with inductor's freezing would bake the parameters and lrpfast.hf's "
                              "attention mask into the graph (a stale mask or weight gives a wrong map): not allowed")
@@ -70,24 +68,22 @@ def options(value: Union[bool, str, dict, None]) -> Optional[dict]:
     return opts
 
 
-def _own_copy(fn: Callable) -> Callable:
-    """fn with a code object of its own: dynamo keeps its compiled graphs (and counts recompiles)
-    per code object, so each LRP gets a cache of its own."""
-    f = fn.__func__ if isinstance(fn, types.MethodType) else fn
+def _own_copy(method: types.MethodType) -> types.MethodType:
+    """The bound method with a code object of its own: dynamo keeps its compiled graphs (and counts
+    recompiles) per code object, so each LRP gets a cache of its own."""
+    f = method.__func__
     copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    copy.__kwdefaults__ = f.__kwdefaults__
-    return types.MethodType(copy, fn.__self__) if isinstance(fn, types.MethodType) else copy
+    return types.MethodType(copy, method.__self__)
 
 
-def compile_pass(fn: Callable, opts: dict) -> Callable:
-    """torch.compile(fn) on a private copy of fn, run under the dynamo settings the pass needs."""
-    compiled = torch.compile(_own_copy(fn), **opts)
+def compile_pass(method: types.MethodType, opts: dict) -> Callable:
+    """torch.compile(method) on a private copy, run under the dynamo settings the pass needs."""
+    compiled = torch.compile(_own_copy(method), **opts)
 
     def run(*args, **kwargs):
         with _settings():
             return compiled(*args, **kwargs)
 
-    run.compiled = compiled
     return run
 
 
